@@ -1,0 +1,52 @@
+"""PNG outputs: reconstruction grids and the utilisation-over-training plot."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(x) -> np.ndarray:
+    """[-1, 1] float images -> uint8."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def comparison_grid(originals, reconstructions, pad: int = 2) -> np.ndarray:
+    """Two rows: originals above their reconstructions. Inputs uint8 [N, H, W, 3]."""
+    originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    n, h, w, c = originals.shape
+    grid = np.full((2 * h + 3 * pad, n * (w + pad) + pad, c), 255, np.uint8)
+    for row, images in enumerate((originals, reconstructions)):
+        y = pad + row * (h + pad)
+        for i in range(n):
+            x = pad + i * (w + pad)
+            grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def plot_utilization(records: list[dict], path: str, title: str = "") -> bool:
+    """Line plot of codebook utilisation over training steps. False when nothing to plot."""
+    points = [(r["step"], r["utilization"]) for r in records if "utilization" in r]
+    if not points:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, util = zip(*sorted(points))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, np.asarray(util) * 100.0, lw=1.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("codes used in window (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "Codebook utilisation during training")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,43 @@
+"""Entry point: python -m vqlc.main --config=configs/<name>.py --workdir=<dir> [--config.x.y=v]
+
+`config.task` picks the stage: tokenizer (train, then evaluate) or evaluate (a trained workdir).
+The config is locked: overriding a field that does not exist is an error, not a new field.
+"""
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, outputs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", os.environ.get("VQLC_DISTRIBUTED", "") == "1",
+    "Call jax.distributed.initialize() (multi-host); also VQLC_DISTRIBUTED=1.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+TASKS = ("tokenizer", "evaluate")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    import jax
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    config = _CONFIG.value
+    if config.task not in TASKS:
+        raise app.UsageError(f"config.task={config.task!r}; valid tasks: {', '.join(TASKS)}.")
+    if config.task == "tokenizer":
+        from vqlc.train.trainer import train_and_evaluate
+        _, results = train_and_evaluate(config, _WORKDIR.value)
+    else:
+        from vqlc.eval.run import evaluate_workdir
+        results = evaluate_workdir(config, _WORKDIR.value)
+    if results is not None and jax.process_index() == 0:
+        print("\n".join(f"  {k}: {v}" for k, v in results.items() if k != "protocol"))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,61 @@
+"""Device mesh, shardings and global batches.
+
+One data axis by default: the batch is split over it and parameters are replicated. The same
+code runs on one CPU, several virtual CPU devices (tests), a GPU node or a TPU slice.
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_data_devices: int = -1, devices=None) -> Mesh:
+    """A 1-D mesh over `num_data_devices` devices (-1 = all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices) if num_data_devices == -1 else num_data_devices
+    if n < 1 or n > len(devices):
+        raise ValueError(f"mesh.data={num_data_devices} but {len(devices)} devices are available.")
+    return Mesh(np.array(devices[:n]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the data axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+    n = mesh.shape[DATA_AXIS]
+    if global_batch % n or global_batch % jax.process_count():
+        raise ValueError(
+            f"{what}={global_batch} must be divisible by the {n} devices on the data axis "
+            f"and the {jax.process_count()} processes; pick a multiple of {n}.")
+
+
+def local_batch_size(global_batch: int) -> int:
+    return global_batch // jax.process_count()
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assemble a global, batch-sharded jax.Array pytree from this process's numpy slice."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (numpy)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows, seen = [], set()
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:  # replicas along other axes hold the same rows
+            seen.add(start)
+            rows.append(np.asarray(s.data))
+    return np.concatenate(rows)
