@@ -1,12 +1,14 @@
 """VQGAN-LC on FFHQ at 256 px (paper Table 3), 800 epochs as the release.
 
-FFHQ must be prepared for tfds (`tfds build ffhq`, 256 px), or point the folder loader at the
-images: --config.data.kind=folder --config.data.path=<train dir> --config.data.eval_path=<val dir>.
-The release builds the FFHQ codebook from FFHQ's own CLIP features (configs/codebook_ffhq.py).
+FFHQ is not in the tfds catalogue: point the folder loader at the images, split as the release
+(the first 60,000 images for training, the last 10,000 for evaluation), e.g. ffhq/train and
+ffhq/val. The release builds the FFHQ codebook from FFHQ's own CLIP features.
 
     python -m vqlc.main --config=configs/ffhq_lc.py --workdir=runs/ffhq_lc \\
+        --config.data.path=ffhq/train --config.data.eval_path=ffhq/val \\
         --config.codebook.path=runs/cb_ffhq/codebook.npy
-    python -m vqlc.main --config=configs/ffhq_lc.py:eval --workdir=runs/ffhq_lc
+    python -m vqlc.main --config=configs/ffhq_lc.py:eval --workdir=runs/ffhq_lc \\
+        --config.data.path=ffhq/train --config.data.eval_path=ffhq/val
 """
 from vqlc import config_base
 
@@ -18,9 +20,8 @@ def get_config(arg: str = ""):
     c.quantizer.kind = "lc"
     c.quantizer.codebook_size = 100_000
     c.quantizer.dim = 8
+    c.data.kind = "folder"
     c.data.name = "ffhq"
-    c.data.train_split = "train[:60000]"
-    c.data.eval_split = "train[60000:]"
     steps_per_epoch = FFHQ_TRAIN_IMAGES // c.train.batch_size
     c.train.num_steps = 800 * steps_per_epoch
     c.optim.warmup_steps = 5 * steps_per_epoch

@@ -1,0 +1,163 @@
+"""End to end on the tiny demo config: training, checkpoints, resume, evaluation outputs."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from vqlc import parallel
+from vqlc.train import reporting, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    c = default_config.get_config("tiny")
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    config = tiny_config(**{"train.num_steps": 40, "train.log_every": 5, "optim.lr": 3e-3,
+                            "optim.warmup_steps": 5, "train.checkpoint_every": 20})
+    state, results = trainer.train_and_evaluate(config, workdir)
+    return workdir, config, state, results
+
+
+def test_training_lowers_the_loss(trained):
+    workdir, _, state, _ = trained
+    records = reporting.read_metrics(workdir)
+    assert int(state.step) == 40 and records[-1]["step"] == 40
+    first, last = records[0], records[-1]
+    assert last["loss"] < 0.8 * first["loss"], (first, last)
+    assert last["l1"] < first["l1"]
+    assert all(0.0 < r["utilization"] <= 1.0 for r in records)
+
+
+def test_run_writes_its_outputs(trained):
+    workdir, config, _, results = trained
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        saved = json.load(f)
+    for key in ("utilization", "perplexity", "psnr", "ssim", "lpips", "codebook_size",
+                "num_tokens"):
+        assert key in saved and key in results
+    assert saved["codebook_size"] == config.quantizer.codebook_size
+    assert saved["num_images"] == config.data.eval_max_images
+    assert saved["num_tokens"] == config.data.eval_max_images * (16 // 2) ** 2
+    assert 0 < saved["utilization"] <= 1 and 5 < saved["psnr"] < 60
+    for path in ("eval/reconstructions.png", "plots/utilization.png", "codebook.npy",
+                 "config.json", "checkpoints/40"):
+        assert os.path.exists(os.path.join(workdir, path)), path
+    # The frozen codebook is stored once in the workdir, not inside the checkpoints.
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, f))
+                     for d, _, fs in os.walk(os.path.join(workdir, "checkpoints")) for f in fs)
+    assert ckpt_bytes > 0
+    assert not any("frozen" in f for _, _, fs in os.walk(os.path.join(workdir, "checkpoints"))
+                   for f in fs)
+
+
+def test_tokenizer_round_trip(trained):
+    from vqlc import Tokenizer
+    from vqlc.data import make_eval_iterator
+    from vqlc.models.quantizers import nearest_code
+    workdir, config, _, _ = trained
+    tok = Tokenizer.load(workdir)
+    assert tok.step == 40
+    images = ((next(iter(make_eval_iterator(config.data, batch_size=4)))["image"] + 1) * 127.5)
+    images = np.round(images).astype(np.uint8)
+    codes = tok.encode(images)
+    assert codes.shape == (4, 8, 8) and codes.dtype == np.int32
+    assert codes.min() >= 0 and codes.max() < config.quantizer.codebook_size
+    decoded = tok.decode(codes)
+    assert decoded.shape == images.shape and decoded.dtype == np.uint8
+    z = tok.encode_latents(images)
+    assert z.shape == (4, 8, 8, config.quantizer.dim)
+    # Snapping the continuous latents to their nearest codes gives the same tokens and images.
+    codebook = tok.model.apply(tok.variables, method=lambda m: m.quantizer.codebook())
+    np.testing.assert_array_equal(
+        np.asarray(nearest_code(z.reshape(-1, z.shape[-1]), codebook)).reshape(codes.shape), codes)
+    np.testing.assert_array_equal(tok.decode_latents(z), decoded)
+    # Reconstructions resemble the inputs far better than a constant image would.
+    err = np.abs(decoded.astype(float) - images).mean()
+    assert err < np.abs(images.astype(float) - images.mean()).mean()
+    with pytest.raises(ValueError, match="uint8"):
+        tok.encode(images.astype(np.float32))
+    with pytest.raises(ValueError, match="lie in"):
+        tok.decode(np.full((1, 8, 8), config.quantizer.codebook_size))
+
+
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
+    config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 3,
+                            "eval.at_end": False})
+    reference, _ = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    workdir = str(tmp_path / "crashed")
+    real_global_batch = parallel.global_batch
+    calls = {"n": 0}
+
+    def crash_at_step_5(local, mesh):
+        calls["n"] += 1
+        if calls["n"] == 5:  # steps 1-4 ran, checkpoint 3 exists, step 4 is lost
+            raise KeyboardInterrupt("simulated crash")
+        return real_global_batch(local, mesh)
+
+    monkeypatch.setattr(trainer.parallel, "global_batch", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(trainer.parallel, "global_batch", real_global_batch)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    resumed, _ = trainer.train_and_evaluate(config, workdir)
+    assert int(resumed.step) == 6
+    for a, b in zip(jax.tree.leaves(reference.g_params), jax.tree.leaves(resumed.g_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_usage_counts_equal_on_one_and_four_devices(tmp_path):
+    from vqlc.data import make_train_iterator
+    from vqlc.models import lpips as lpips_lib
+    from vqlc.train.step import make_train_step
+    config = tiny_config()
+    batch = next(make_train_iterator(config.data, batch_size=8, seed=0))
+    out = {}
+    for n in (1, 4):
+        mesh = parallel.make_mesh(n)
+        model, disc, g_tx, d_tx, state, frozen = trainer.setup_model(
+            config, str(tmp_path / "w"), mesh)
+        step = jax.jit(make_train_step(model, disc, g_tx, d_tx, config.loss,
+                                       lambda p, x, y: lpips_lib.lpips(x, y, params=p)))
+        lp = jax.device_put(lpips_lib.load_vgg16_lpips_params(), parallel.replicated(mesh))
+        state, metrics = step(state, parallel.global_batch(batch, mesh), frozen, lp)
+        out[n] = (np.asarray(state.usage), jax.device_get(state.g_params), float(metrics["loss"]))
+    np.testing.assert_array_equal(out[1][0], out[4][0])
+    assert out[1][0].sum() == 8 * 8 * 8
+    assert out[1][2] == pytest.approx(out[4][2], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[4][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_workdir_of_another_config_is_refused(trained, tmp_path):
+    workdir, _, _, _ = trained
+    other = tiny_config(**{"quantizer.codebook_size": 64})
+    with pytest.raises(ValueError, match="different config"):
+        trainer.train_and_evaluate(other, workdir)
+
+
+def test_config_typo_is_an_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqlc.main", "--config=configs/default.py:tiny",
+         f"--workdir={tmp_path}", "--config.train.num_stepz=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "num_stepz" in proc.stderr
+    assert not os.listdir(tmp_path)  # nothing was started

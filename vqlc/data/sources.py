@@ -1,0 +1,305 @@
+"""Random-access image sources: bundled demo photos, image folders and tfds datasets.
+
+Every source has ``len()`` and ``__getitem__(i) -> {'image': uint8 [H, W, 3], 'label': int}``, so
+grain can index it directly (shuffle, shard and read in any order, from worker processes).
+"""
+from __future__ import annotations
+
+import importlib.resources
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vqlc.data import transforms
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# Colour photographs shipped inside the scikit-image wheel (skimage/data/), so the demo needs no
+# download. The motorcycle stereo pair shows the same scene, so both halves stay in 'train'.
+DEMO_TRAIN_PHOTOS = (
+    "astronaut.png",          # portrait, 512x512
+    "coffee.png",             # still life, 400x600
+    "hubble_deep_field.jpg",  # galaxies on black, 872x1000
+    "ihc.png",                # stained tissue micrograph, 512x512
+    "motorcycle_left.png",    # object with fine detail, 500x741
+    "motorcycle_right.png",
+    "retina.jpg",             # fundus photograph, 1411x1411
+)
+DEMO_EVAL_PHOTOS = (
+    "chelsea.png",  # cat (fur, face), 300x451
+    "rocket.jpg",   # outdoor scene (sky, trees, structure), 427x640
+)
+DEMO_TRAIN_LENGTH = 10_000  # virtual records per epoch; each is one photo, random-cropped later
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    """Flattens an image with alpha onto a white background.
+
+    White (not "drop alpha") because fully transparent pixels often hold arbitrary RGB values
+    (black or garbage); web graphics and logos are meant to be seen on a light page.
+    """
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def pil_to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    """Converts any PIL image to a uint8 RGB array [H, W, 3].
+
+    EXIF orientation is applied first. Grayscale and bilevel images are replicated to three
+    channels, palette and CMYK/YCbCr/LAB images are converted by PIL, 16-bit and 32-bit integer
+    images are scaled from [0, 65535] to [0, 255] (rounded), float images are assumed to lie in
+    [0, 1] when their maximum is <= 1 and in [0, 255] otherwise. Images with transparency
+    (RGBA, LA, PA, palette with a transparent index) are composited on white. Multi-frame files
+    (GIF, TIFF) give their first frame.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image).astype(np.float64)
+        if mode == "I" and array.max(initial=0) <= 255:
+            pass  # an 8-bit image stored as int32 (e.g. some TIFFs): keep its values
+        else:
+            array = array / 257.0  # 65535 -> 255, 257 * k -> k
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in image.info)
+    if has_alpha:
+        return np.asarray(_composite_on_white(image), dtype=np.uint8)
+    if mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decodes an image file to uint8 RGB [H, W, 3] (see ``pil_to_rgb_uint8``)."""
+    with Image.open(path) as image:
+        image.seek(0)
+        return pil_to_rgb_uint8(image)
+
+
+def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Makes an already decoded array uint8 RGB [H, W, 3] (gray: replicate; alpha: on white)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8:
+        if image.dtype == np.uint16:
+            image = np.rint(image / 257.0)
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    channels = image.shape[-1]
+    if channels == 1:
+        return np.repeat(image, 3, axis=-1)
+    if channels == 2:
+        return np.asarray(_composite_on_white(Image.fromarray(image, "LA")))
+    if channels == 4:
+        return np.asarray(_composite_on_white(Image.fromarray(image, "RGBA")))
+    if channels != 3:
+        raise ValueError(f"Unsupported image shape {image.shape}.")
+    return image
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo photos
+# ----------------------------------------------------------------------------------------------
+
+def _demo_photo(name: str) -> np.ndarray:
+    """Reads one photo from the scikit-image wheel's own data directory (no pooch download)."""
+    path = importlib.resources.files("skimage") / "data" / name
+    with importlib.resources.as_file(path) as file:
+        if not os.path.exists(file):
+            raise FileNotFoundError(
+                f"{file} is missing: the demo needs the photos that ship inside scikit-image.")
+        return load_image(str(file))
+
+
+def _grid_starts(length: int, size: int, stride: int) -> list[int]:
+    """Crop origins along one axis, with the leftover margin split evenly at both ends."""
+    if length < size:
+        return []
+    count = (length - size) // stride + 1
+    margin = (length - size - (count - 1) * stride) // 2
+    return [margin + k * stride for k in range(count)]
+
+
+class DemoPhotos:
+    """Real photographs bundled with scikit-image, for runs that need no dataset.
+
+    ``split='train'``: a virtual dataset of ``DEMO_TRAIN_LENGTH`` records per epoch; record ``i``
+    is training photo ``i % 7`` resized so its shorter side is ``photo_size``; the training
+    transform then takes a random crop of it (so no resize there).
+
+    ``split='eval'``: a fixed grid of ``crop_size`` crops (stride ``crop_size // 2``) of the
+    held-out photos (``DEMO_EVAL_PHOTOS``, never seen in training), each resized to a shorter
+    side of ``photo_size`` and of ``2 * photo_size``. Records are already ``crop_size`` square.
+    With the defaults (160, 64) that is 300 crops, i.e. 19,200 tokens at downsampling 8.
+    """
+
+    def __init__(self, split: str, *, photo_size: int = 160, crop_size: int = 64):
+        if split not in ("train", "eval"):
+            raise ValueError(f"DemoPhotos split must be 'train' or 'eval', got {split!r}.")
+        if photo_size < crop_size:
+            raise ValueError(f"photo_size {photo_size} is smaller than crop_size {crop_size}.")
+        self.split = split
+        self.photo_size = photo_size
+        self.crop_size = crop_size
+        names = DEMO_TRAIN_PHOTOS if split == "train" else DEMO_EVAL_PHOTOS
+        self.photo_names = names
+        if split == "train":
+            self._photos = [transforms.resize_shorter_side(_demo_photo(n), photo_size)
+                            for n in names]
+            for photo in self._photos:
+                photo.flags.writeable = False  # records share these arrays: no in-place edits
+            self._crops = None
+        else:
+            self._photos = []
+            self._crops = []  # (scaled photo index, label, top, left)
+            stride = max(crop_size // 2, 1)
+            for label, name in enumerate(names):
+                photo = _demo_photo(name)
+                for scale in (photo_size, 2 * photo_size):
+                    scaled = transforms.resize_shorter_side(photo, scale)
+                    self._photos.append(scaled)
+                    height, width = scaled.shape[:2]
+                    for top in _grid_starts(height, crop_size, stride):
+                        for left in _grid_starts(width, crop_size, stride):
+                            self._crops.append((len(self._photos) - 1, label, top, left))
+
+    def __len__(self) -> int:
+        return DEMO_TRAIN_LENGTH if self.split == "train" else len(self._crops)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        if self.split == "train":
+            label = index % len(self._photos)
+            return {"image": self._photos[label], "label": label}
+        photo, label, top, left = self._crops[index]
+        size = self.crop_size
+        image = self._photos[photo][top:top + size, left:left + size]
+        return {"image": np.ascontiguousarray(image), "label": label}
+
+    def __repr__(self) -> str:
+        return (f"DemoPhotos(split={self.split!r}, photo_size={self.photo_size}, "
+                f"crop_size={self.crop_size}, len={len(self)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------
+
+class ImageFolder:
+    """All image files under ``root`` (recursive), in sorted relative-path order.
+
+    Labels: files are grouped by their top-level entry under ``root`` (root-level files form the
+    group ``''``, which sorts first); the label is the group's index. So a flat folder gives label
+    0 everywhere, and ``root/<class>/.../x.jpg`` gives the index of ``<class>`` in sorted order
+    (shifted by one when some files also sit directly in ``root``). Hidden files and folders
+    (name starting with '.') are skipped. Decoding: see ``pil_to_rgb_uint8``.
+    """
+
+    def __init__(self, root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        root = os.path.expanduser(str(root))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"Image folder {root!r} does not exist or is not a folder.")
+        extensions = tuple(e.lower() for e in extensions)
+        relpaths = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for filename in filenames:
+                if not filename.startswith(".") and filename.lower().endswith(extensions):
+                    relpaths.append(os.path.relpath(os.path.join(dirpath, filename), root))
+        if not relpaths:
+            raise FileNotFoundError(
+                f"No images found under {root!r} (searched recursively for files ending in "
+                f"{', '.join(extensions)}, case-insensitive).")
+        relpaths.sort()
+        groups = [p.split(os.sep)[0] if os.sep in p else "" for p in relpaths]
+        self.classes = sorted(set(groups))
+        class_index = {name: i for i, name in enumerate(self.classes)}
+        self.root = root
+        self.paths = [os.path.join(root, p) for p in relpaths]
+        self.labels = [class_index[g] for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        return {"image": load_image(self.paths[index]), "label": self.labels[index]}
+
+    def __repr__(self) -> str:
+        return f"ImageFolder(root={self.root!r}, len={len(self)}, classes={len(self.classes)})"
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS
+# ----------------------------------------------------------------------------------------------
+
+class TfdsImages:
+    """Random access to a prepared tfds dataset (array_record files), like ``tfds.data_source``.
+
+    Reading needs no TensorFlow. The 'image' feature is decoded by tfds (PIL) and normalised to
+    uint8 RGB; 'label' is used when the dataset has it, else 0. Nothing is downloaded: an
+    unprepared dataset raises FileNotFoundError saying how to build it.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        import tensorflow_datasets as tfds  # heavy import, only for this source
+
+        self.name = name
+        self.split = split
+        self.data_dir = data_dir or None
+        where = self.data_dir or "the default data_dir (~/tensorflow_datasets, $TFDS_DATA_DIR)"
+        data_dir_flag = f" --data_dir={self.data_dir}" if self.data_dir else ""
+        build_hint = (
+            f"Build it first with `tfds build {name} --file_format=array_record{data_dir_flag}`. "
+            f"Datasets with manual downloads (e.g. imagenet2012: ILSVRC2012_img_train.tar and "
+            f"ILSVRC2012_img_val.tar) need the archives in <data_dir>/downloads/manual/ before "
+            f"building; see https://www.tensorflow.org/datasets/catalog/"
+            f"{name.split('/')[0].split(':')[0]}.")
+        try:
+            builder = tfds.builder(name, data_dir=self.data_dir)
+            prepared = builder.is_prepared()
+        except Exception as error:  # unknown name and no files: DatasetNotFoundError
+            raise FileNotFoundError(
+                f"tfds dataset {name!r} is not registered and not found in {where}. {build_hint} "
+                f"({type(error).__name__}: {str(error).splitlines()[0]})") from error
+        if not prepared:
+            raise FileNotFoundError(
+                f"tfds dataset {name!r} is not prepared in {where}. {build_hint}")
+        try:
+            # download=False semantics: as_data_source only reads what is on disk.
+            self._source = builder.as_data_source(split=split)
+        except NotImplementedError as error:  # prepared as tfrecord: no random access
+            raise ValueError(
+                f"tfds dataset {name!r} in {where} was prepared in a format without random "
+                f"access; rebuild it with `tfds build {name} --file_format=array_record"
+                f"{data_dir_flag}` (into another data_dir or after deleting the old files). "
+                f"({error})") from error
+        self._has_label = "label" in builder.info.features.keys()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._source[int(index)]
+        label = int(record["label"]) if self._has_label else 0
+        return {"image": ensure_rgb_uint8(record["image"]), "label": label}
+
+    def __repr__(self) -> str:
+        return f"TfdsImages(name={self.name!r}, split={self.split!r}, len={len(self)})"
