@@ -19,7 +19,8 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> vqgan.VQModel:
     return vqgan.VQModel(
         ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions), resolution=config.data.image_size,
-        z_channels=m.z_channels, dropout=m.dropout, quantizer=quantizer_from_config(config))
+        z_channels=m.z_channels, dropout=m.dropout, embed_dim=config.quantizer.dim,
+        quantizer=quantizer_from_config(config))
 
 
 def discriminator_from_config(config: ml_collections.ConfigDict):
