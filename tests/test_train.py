@@ -169,3 +169,14 @@ def test_config_typo_is_an_error(tmp_path):
     assert proc.returncode != 0
     assert "num_stepz" in proc.stderr
     assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_evaluate_task_reproduces_end_of_training_metrics(trained):
+    from vqlc.eval.run import evaluate_workdir
+    workdir, config, _, results = trained
+    eval_config = tiny_config(**TRAINED)
+    eval_config.task = "evaluate"
+    again = evaluate_workdir(eval_config, workdir)
+    assert again["step"] == 40
+    for key in ("psnr", "ssim", "lpips", "utilization", "perplexity", "num_tokens"):
+        assert again[key] == pytest.approx(results[key], rel=1e-5), key
