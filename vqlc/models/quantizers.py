@@ -276,6 +276,16 @@ def _check_dim(z: Array, dim: int, name: str):
         raise ValueError(f"{name} expects z [..., {dim}] (its `dim`); got shape {z.shape}.")
 
 
+def _quantize_with_codebook_loss(q: nn.Module, z: Array) -> QuantizerOutput:
+    """Search `q.codebook()`; VQGAN's two-term loss (commitment + codebook pull)."""
+    _check_dim(z, q.dim, type(q).__name__)
+    zf = z.astype(jnp.float32)
+    indices, e = _quantize(zf, q.codebook(), q.tile_n, q.tile_k)
+    loss = (q.commitment_weight * _mse(lax.stop_gradient(e), zf)
+            + q.codebook_weight * _mse(e, lax.stop_gradient(zf)))
+    return QuantizerOutput(_straight_through(zf, e).astype(z.dtype), indices, loss)
+
+
 class VectorQuantizer(nn.Module):
     """VQGAN's quantizer: a trainable codebook, init uniform(-1/K, 1/K).
 
@@ -300,12 +310,7 @@ class VectorQuantizer(nn.Module):
 
     def __call__(self, z: Array, *, train: bool) -> QuantizerOutput:
         del train  # same computation in training and evaluation
-        _check_dim(z, self.dim, type(self).__name__)
-        zf = z.astype(jnp.float32)
-        indices, e = _quantize(zf, self.codebook(), self.tile_n, self.tile_k)
-        loss = (self.commitment_weight * _mse(lax.stop_gradient(e), zf)
-                + self.codebook_weight * _mse(e, lax.stop_gradient(zf)))
-        return QuantizerOutput(_straight_through(zf, e).astype(z.dtype), indices, loss)
+        return _quantize_with_codebook_loss(self, z)
 
 
 class FactorizedQuantizer(VectorQuantizer):
@@ -427,12 +432,7 @@ class LCQuantizer(nn.Module):
 
     def __call__(self, z: Array, *, train: bool) -> QuantizerOutput:
         del train
-        _check_dim(z, self.dim, type(self).__name__)
-        zf = z.astype(jnp.float32)
-        indices, e = _quantize(zf, self.codebook(), self.tile_n, self.tile_k)
-        loss = (self.commitment_weight * _mse(lax.stop_gradient(e), zf)
-                + self.codebook_weight * _mse(e, lax.stop_gradient(zf)))
-        return QuantizerOutput(_straight_through(zf, e).astype(z.dtype), indices, loss)
+        return _quantize_with_codebook_loss(self, z)
 
 
 QUANTIZERS = {
