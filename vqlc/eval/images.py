@@ -10,9 +10,18 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def comparison_grid(originals, reconstructions, pad: int = 2) -> np.ndarray:
-    """Two rows: originals above their reconstructions. Inputs uint8 [N, H, W, 3]."""
+def comparison_grid(originals, reconstructions, pad: int = 2, min_size: int = 128) -> np.ndarray:
+    """Two rows: originals above their reconstructions. Inputs uint8 [N, H, W, 3].
+
+    Images smaller than `min_size` are enlarged by an integer factor (nearest neighbour), so
+    the demo's 32 px crops stay visible.
+    """
     originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    factor = max(1, min_size // originals.shape[1])
+    if factor > 1:
+        originals, reconstructions = (
+            np.repeat(np.repeat(a, factor, axis=1), factor, axis=2)
+            for a in (originals, reconstructions))
     n, h, w, c = originals.shape
     grid = np.full((2 * h + 3 * pad, n * (w + pad) + pad, c), 255, np.uint8)
     for row, images in enumerate((originals, reconstructions)):
