@@ -180,3 +180,22 @@ def test_evaluate_task_reproduces_end_of_training_metrics(trained):
     assert again["step"] == 40
     for key in ("psnr", "ssim", "lpips", "utilization", "perplexity", "num_tokens"):
         assert again[key] == pytest.approx(results[key], rel=1e-5), key
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
+    config = tiny_config(**TRAINED, **{"eval.at_end": False})
+    real_global_batch = parallel.global_batch
+    calls = {"n": 0}
+
+    def nan_images_from_step_3(local, mesh):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            local = {"image": np.full_like(local["image"], np.nan)}
+        return real_global_batch(local, mesh)
+
+    monkeypatch.setattr(trainer.parallel, "global_batch", nan_images_from_step_3)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="Non-finite loss .* up to step 5"):
+        trainer.train_and_evaluate(config, workdir)
+    # Nothing non-finite was saved: no checkpoint exists yet (the first is due at step 20).
+    assert not os.listdir(os.path.join(workdir, "checkpoints"))
