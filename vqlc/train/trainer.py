@@ -90,7 +90,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                               lambda p, x, y: lpips_lib.lpips(x, y, params=p))
     train_step = jax.jit(step_fn, donate_argnums=(0,))
     reconstruct = jax.jit(lambda variables, x: model.apply(variables, x, train=False)[0])
-    preview = next(iter(make_eval_iterator(config.data, batch_size=config.eval.num_grid_images)))
+    # A fixed preview batch, read in-process: worker processes for one batch would outlive it.
+    preview_data = ml_collections.ConfigDict(config.data.to_dict())
+    preview_data.num_workers = 0
+    preview = next(iter(make_eval_iterator(preview_data, batch_size=config.eval.num_grid_images)))
 
     num_steps, start = config.train.num_steps, int(state.step)
     reporter = reporting.Reporter(workdir, num_steps=num_steps, start_step=start,
