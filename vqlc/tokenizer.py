@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlc import checkpoint, config_io, parallel
+from vqlc.eval.images import to_uint8
 
 
 class Tokenizer:
@@ -83,7 +84,7 @@ class Tokenizer:
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"Code ids must lie in [0, {self.codebook_size}); got "
                              f"[{codes.min()}, {codes.max()}].")
-        return _to_uint8(self._decode(self.variables, jnp.asarray(codes, jnp.int32)))
+        return to_uint8(self._decode(self.variables, jnp.asarray(codes, jnp.int32)))
 
     def decode_latents(self, z) -> np.ndarray:
         """Latents [B, h, w, dim] -> nearest codes -> uint8 images."""
@@ -91,7 +92,7 @@ class Tokenizer:
         if z.ndim != 4 or z.shape[-1] != self.config.quantizer.dim:
             raise ValueError(f"Expected latents [B, h, w, {self.config.quantizer.dim}]; "
                              f"got {z.shape}.")
-        return _to_uint8(self._decode_latents(self.variables, z))
+        return to_uint8(self._decode_latents(self.variables, z))
 
 
 def _encode_indices(model, x):
@@ -101,6 +102,3 @@ def _encode_indices(model, x):
 def _snap_and_decode(model, z):
     return model.decode(model.quantizer(z, train=False).z_q)
 
-
-def _to_uint8(x) -> np.ndarray:
-    return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))

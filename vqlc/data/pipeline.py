@@ -13,7 +13,6 @@ identical for any ``num_workers``; a saved state must be restored with the same 
 from __future__ import annotations
 
 import math
-import os
 
 import grain
 import numpy as np

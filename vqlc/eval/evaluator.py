@@ -17,7 +17,6 @@ from vqlc import parallel
 from vqlc.eval import images as image_io
 from vqlc.eval import metrics
 from vqlc.models import lpips as lpips_lib
-from vqlc.models import quantizers
 
 SUM_KEYS = ("psnr", "psnr_y", "ssim", "lpips")
 
@@ -46,7 +45,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model, variable
              step: int | None = None) -> dict:
     """Reconstructs the evaluation split; writes <workdir>/eval/{metrics.json,
     reconstructions.png}; returns the metrics."""
-    from vqlc.data import make_eval_iterator, num_eval_examples
+    from vqlc.data import make_eval_iterator
 
     start = time.time()
     num_codes = config.quantizer.codebook_size
