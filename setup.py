@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
     "absl-py>=2.1",
+    # CLIP checkpoints (Hugging Face snapshots), read as numpy without torch.
+    "safetensors>=0.4,<1",
 ]
 
 setuptools.setup(
@@ -34,6 +36,10 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["vqlc", "vqlc.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # benchmarks/kmeans.py compares against these.
+        "bench": ["faiss-cpu>=1.8", "scikit-learn>=1.4"],
+    },
     license="Apache-2.0",
 )
