@@ -1,6 +1,7 @@
 """Entry point: python -m vqlc.main --config=configs/<name>.py --workdir=<dir> [--config.x.y=v]
 
-`config.task` picks the stage: tokenizer (train, then evaluate) or evaluate (a trained workdir).
+`config.task` picks the stage: codebook (features + k-means -> codebook.npy), tokenizer (train,
+then evaluate) or evaluate (a trained workdir).
 The config is locked: overriding a field that does not exist is an error, not a new field.
 """
 import logging
@@ -16,7 +17,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() (multi-host); also VQLC_DISTRIBUTED=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-TASKS = ("tokenizer", "evaluate")
+TASKS = ("codebook", "tokenizer", "evaluate")
 
 
 class _QuietLibraries(logging.Filter):
@@ -39,7 +40,10 @@ def main(argv):
     config = _CONFIG.value
     if config.task not in TASKS:
         raise app.UsageError(f"config.task={config.task!r}; valid tasks: {', '.join(TASKS)}.")
-    if config.task == "tokenizer":
+    if config.task == "codebook":
+        from vqlc.codebook.task import build_codebook
+        results = build_codebook(config, _WORKDIR.value)
+    elif config.task == "tokenizer":
         from vqlc.train.trainer import train_and_evaluate
         _, results = train_and_evaluate(config, _WORKDIR.value)
     else:

