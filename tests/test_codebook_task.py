@@ -42,12 +42,7 @@ def codebook_config(folder, **overrides):
     c.features.update(dict(pool=2, dim=16, batch_size=4, images_per_shard=5,
                            dtype="float32", progress=False))
     c.kmeans.update(dict(clusters_per_class=3, num_clusters=6, num_iters=10))
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -372,3 +372,19 @@ def test_bfloat16_latents():
     z = latents().astype(jnp.bfloat16)
     out = apply(module, variables, z, train=False)
     assert out.z_q.dtype == jnp.bfloat16 and out.loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("n", [37, 1000])  # one chunk; several chunks plus a remainder
+def test_nearest_code_in_place_equals_nearest_code(n):
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(3.0, 1.0, (n, 6)), jnp.float32)  # off-centre, as real features
+    codes = jnp.asarray(rng.normal(3.0, 1.0, (300, 6)), jnp.float32)
+    want = q.nearest_code(z, codes)
+    got = jax.jit(functools.partial(q.nearest_code_in_place, tile_n=128, tile_k=64))(z, codes)
+    np.testing.assert_array_equal(got, want)
+    # Inside shard_map, on each device's own rows (how k-means calls it).
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    if n % 4 == 0:
+        local = jax.shard_map(functools.partial(q.nearest_code_in_place, tile_n=64), mesh=mesh,
+                              in_specs=(P("data"), P()), out_specs=P("data"))
+        np.testing.assert_array_equal(jax.jit(local)(z, codes), want)

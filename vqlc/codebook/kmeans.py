@@ -8,8 +8,8 @@ Three entry points, one Lloyd iteration underneath:
 - `fit_per_class(x, labels, k)`: the release's recipe (k centres per class), with many classes
   clustered at once as one batched computation, classes sharded over the devices.
 
-Memory: the assignment uses the tiled `nearest_code` search, so no N x K distance matrix exists;
-per-centre statistics are segment sums. Each device holds its rows, the centres and O(tile) scratch.
+Memory: the assignment uses the tiled `nearest_code_in_place` search, so no N x K distance
+matrix and no copy of the rows exists; per-centre statistics are segment sums. Each device holds its rows, the centres and O(tile) scratch.
 Determinism: a seed fixes the initial centres and every re-seeding; devices only change the order
 of float32 sums (results agree to rounding, tested on 1 vs 4 devices).
 """
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vqlc.models.quantizers import nearest_code
+from vqlc.models.quantizers import nearest_code_in_place
 
 _AXIS = "data"
 INITS = ("random", "k-means++")
@@ -145,7 +145,7 @@ def _stats_fn(mesh: Mesh):
 
     def local(x, w, centres):
         k = centres.shape[0]
-        idx = nearest_code(x, centres)
+        idx = nearest_code_in_place(x, centres)
         sums = jax.ops.segment_sum(x, idx, num_segments=k)  # padding rows are zero vectors
         counts = jax.ops.segment_sum(w, idx, num_segments=k)
         return jax.lax.psum(sums, _AXIS), jax.lax.psum(counts, _AXIS)
@@ -313,18 +313,28 @@ def fit_streaming(chunks: Callable[[], Iterable[np.ndarray]], num_clusters: int,
 # ----------------------------------------------------------------------------- per-class k-means
 
 
-def _assign_per_class(x: jax.Array, centres: jax.Array) -> jax.Array:
-    """[C, n, D] x [C, k, D] -> nearest centre index [C, n], exact, min-then-compare argmin."""
-    d = (jnp.sum(centres * centres, axis=-1)[:, None, :]
-         - 2.0 * jnp.einsum("cnd,ckd->cnk", x, centres, precision=jax.lax.Precision.HIGHEST))
-    best = jnp.min(d, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, d.shape, 2)
-    return jnp.min(jnp.where(d == best, iota, d.shape[-1]), axis=-1)
+def _class_stats(x: jax.Array, mask: jax.Array, centres: jax.Array):
+    """One class: rows x [n, D] (mask [n]) and centres [k, D] -> (sums [k, D], counts [k]).
+
+    Distances as [k, n] (|c|^2 - 2 c.x) so the min runs over the leading axis, which XLA's CPU
+    backend vectorises along the rows; the index is the smallest k reaching the min (exact, as
+    argmin). Classes go through lax.map one at a time: a plain 2-D matmul per class measured
+    1.7x faster on CPU than one batched einsum over the block.
+    """
+    k = centres.shape[0]
+    d = (jnp.sum(centres * centres, axis=-1)[:, None]
+         - 2.0 * jnp.dot(centres, x.T, precision=jax.lax.Precision.HIGHEST))
+    best = jnp.min(d, axis=0, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, d.shape, 0)
+    idx = jnp.min(jnp.where(d == best, iota, k), axis=0)
+    sums = jax.ops.segment_sum(x, idx, num_segments=k)  # padding rows are zero vectors
+    return sums, jax.ops.segment_sum(mask, idx, num_segments=k)
 
 
-def _per_class_lloyd(x, mask, counts, centres, labels, seed, *, num_iters: int, tol: float):
+def _per_class_lloyd(x, mask, counts, centres, labels, seed, num_iters, tol):
     """Lloyd on a block of classes at once. x [C, n, D] (rows of class c first, then zero padding),
-    mask [C, n], counts [C] real rows, centres [C, k, D], labels [C] (keys re-seeding).
+    mask [C, n], counts [C] real rows, centres [C, k, D], labels [C] (keys re-seeding); seed,
+    num_iters and tol are traced scalars, so one compiled program serves every setting.
 
     A class stops moving once its max centre shift drops below tol, so its result equals running
     it alone; the loop ends when every class has converged or after num_iters.
@@ -335,12 +345,13 @@ def _per_class_lloyd(x, mask, counts, centres, labels, seed, *, num_iters: int, 
 
     def step(carry):
         it, centres, done = carry
-        idx = _assign_per_class(x, centres)
-        seg = idx + k * jnp.arange(num_classes)[:, None]  # one segment per (class, centre)
-        sums = jax.ops.segment_sum(x.reshape(-1, x.shape[-1]), seg.reshape(-1),
-                                   num_segments=num_classes * k).reshape(centres.shape)
-        cnt = jax.ops.segment_sum(mask.reshape(-1), seg.reshape(-1),
-                                  num_segments=num_classes * k).reshape(num_classes, k)
+        # A converged class skips its search: classes converge at different iterations.
+        def stats_unless_done(a):
+            xc, mc, cc, dc = a
+            return jax.lax.cond(dc, lambda: (jnp.zeros_like(cc), jnp.zeros_like(cc[:, 0])),
+                                lambda: _class_stats(xc, mc, cc))
+
+        sums, cnt = jax.lax.map(stats_unless_done, (x, mask, centres, done))
         new = sums / jnp.maximum(cnt, 1.0)[..., None]
         # Empty clusters restart at random rows of their class (keyed by class and iteration).
         pick = jax.vmap(lambda key, m: jax.random.randint(
@@ -363,12 +374,11 @@ def _per_class_lloyd(x, mask, counts, centres, labels, seed, *, num_iters: int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _per_class_fn(mesh: Mesh, num_iters: int, tol: float):
+def _per_class_fn(mesh: Mesh):
     """The per-class Lloyd with classes split over the devices; no communication at all."""
-    local = functools.partial(_per_class_lloyd, num_iters=num_iters, tol=tol)
     spec = P(_AXIS)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5 + (P(),),
-                                 out_specs=spec))
+    return jax.jit(jax.shard_map(_per_class_lloyd, mesh=mesh,
+                                 in_specs=(spec,) * 5 + (P(),) * 3, out_specs=spec))
 
 
 def fit_per_class(x, labels, clusters_per_class: int, *, num_iters: int = 30, seed: int = 0,
@@ -411,7 +421,7 @@ def fit_per_class(x, labels, clusters_per_class: int, *, num_iters: int = 30, se
         classes_per_block = -(-len(classes) // num_blocks)
     classes_per_block = -(-min(classes_per_block, len(classes)) // shards) * shards
     sharding = NamedSharding(mesh, P(_AXIS))
-    lloyd = _per_class_fn(mesh, num_iters, float(tol))
+    lloyd = _per_class_fn(mesh)
     out = []
     for b in range(0, len(classes), classes_per_block):
         ids = list(range(b, min(b + classes_per_block, len(classes))))
@@ -431,7 +441,8 @@ def fit_per_class(x, labels, clusters_per_class: int, *, num_iters: int = 30, se
         put = lambda a: jax.device_put(a, sharding)
         key_data = (classes[ids].astype(np.int64) % (2**31)).astype(np.uint32)
         centres = lloyd(put(xb), put(mask), put(class_counts[ids].astype(np.int32)),
-                        put(init_c), put(key_data), jnp.uint32(seed % (2**32)))
+                        put(init_c), put(key_data), jnp.uint32(seed % (2**32)),
+                        jnp.int32(num_iters), jnp.float32(tol))
         n_real = min(classes_per_block, len(classes) - b)
         out.append(np.asarray(centres[:n_real], np.float32).reshape(-1, dim))
         logging.info("per-class k-means: classes %d-%d of %d done", b + 1, b + n_real,
@@ -452,7 +463,7 @@ def _init_class(x: np.ndarray, k: int, init: str, seed: int, label: int) -> np.n
 
 @jax.jit
 def _sq_error(x, w, centres):
-    idx = nearest_code(x, centres)
+    idx = nearest_code_in_place(x, centres)
     return jnp.sum(w * jnp.sum((x - centres[idx]) ** 2, axis=-1))
 
 

@@ -231,38 +231,29 @@ class ClipVisionTower(nn.Module):
     ``dtype`` sets the activation dtype (bfloat16 on accelerators); the output is
     float32.
     """
-    image_size: int
-    patch_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    projection_dim: int
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
+    config: ClipVisionConfig
     dtype: Any = jnp.float32
 
     @classmethod
     def from_config(cls, config: ClipVisionConfig, dtype: Any = jnp.float32) -> "ClipVisionTower":
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
-                   dtype=dtype)
+        return cls(config, dtype=dtype)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if x.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got "
+        c = self.config
+        if x.shape[1:3] != (c.image_size, c.image_size):
+            raise ValueError(f"expected {c.image_size}x{c.image_size} images, got "
                              f"{x.shape[1]}x{x.shape[2]}")
-        ln = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
+        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
                                param_dtype=jnp.float32)
-        x = ClipEmbeddings(self.image_size, self.patch_size, self.hidden_size, self.dtype,
+        x = ClipEmbeddings(c.image_size, c.patch_size, c.hidden_size, self.dtype,
                            name="embeddings")(x.astype(self.dtype))
         x = ln(name="pre_layrnorm")(x)
-        x = ClipEncoder(self.num_layers, self.hidden_size, self.num_heads,
-                        self.intermediate_size, self.layer_norm_eps, self.hidden_act,
-                        self.dtype, name="encoder")(x)
+        x = ClipEncoder(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size,
+                        c.layer_norm_eps, c.hidden_act, self.dtype, name="encoder")(x)
         # The post-layernorm goes on every token (not only CLS, unlike CLIP's pooled output).
         x = ln(name="post_layernorm")(x[:, 1:])
-        x = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+        x = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
                      param_dtype=jnp.float32, name="visual_projection")(x)
         return x.astype(jnp.float32)
 

@@ -143,14 +143,9 @@ def _replicate_explicit(x: Array) -> Array:
     return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, P()))
 
 
-def _nearest_code_local(z: Array, codes: Array, *, tile_n: int, tile_k: int,
-                        precision) -> Array:
-    """nearest_code on float32 inputs, tiled over K and (strided) over N."""
-    n, d = z.shape
-    k = codes.shape[0]
-    if n == 0:
-        return jnp.zeros((0,), jnp.int32)
-
+def _tile_search(codes: Array, tile_k: int, precision):
+    """search(rows [m, D]) -> nearest code index [m]: a scan over K tiles of the codes."""
+    k, d = codes.shape
     # Codes augmented with their squared norm, padded to whole tiles: [n_tiles, tile_k, D + 1].
     tile_k = min(tile_k, k)
     n_tiles = -(-k // tile_k)
@@ -184,6 +179,16 @@ def _nearest_code_local(z: Array, codes: Array, *, tile_n: int, tile_k: int,
         (_, best_i), _ = lax.scan(step, init, (aug, offsets))
         return best_i
 
+    return search
+
+
+def _nearest_code_local(z: Array, codes: Array, *, tile_n: int, tile_k: int,
+                        precision) -> Array:
+    """nearest_code on float32 inputs, tiled over K and (strided) over N."""
+    n, d = z.shape
+    if n == 0:
+        return jnp.zeros((0,), jnp.int32)
+    search = _tile_search(codes, tile_k, precision)
     if n <= tile_n:
         return search(z)
     n_chunks, rows = _row_chunks(n, tile_n)
@@ -193,6 +198,40 @@ def _nearest_code_local(z: Array, codes: Array, *, tile_n: int, tile_k: int,
     strided = z.reshape(rows, n_chunks, d).transpose(1, 0, 2)  # chunk j = rows i * n_chunks + j
     idx = lax.map(search, strided)  # [n_chunks, rows]
     return idx.T.reshape(-1)[:n]
+
+
+def nearest_code_in_place(z: Array, codes: Array, *, tile_n: Optional[int] = None,
+                          tile_k: Optional[int] = None,
+                          precision: lax.Precision = lax.Precision.HIGHEST) -> Array:
+    """nearest_code for rows the caller holds whole: one device's array, or a shard's rows
+    inside shard_map. Same result as nearest_code.
+
+    Rows are read in contiguous chunks straight from z (dynamic slices) and centred chunk by
+    chunk, so the scratch is O(tile) instead of nearest_code's centred and strided copies of z
+    (which it needs for auto-sharded rows). For large N, e.g. k-means over millions of rows.
+    """
+    if z.ndim != 2 or codes.ndim != 2 or z.shape[1] != codes.shape[1]:
+        raise ValueError(f"nearest_code_in_place needs z [N, D] and codes [K, D]; got {z.shape} "
+                         f"and {codes.shape}.")
+    default_n, default_k = _default_tiles()
+    tile_n = tile_n or default_n
+    codes = lax.stop_gradient(codes).astype(jnp.float32)
+    centre = jnp.mean(codes, axis=0)  # see nearest_code: float32 cancellation
+    search = _tile_search(codes - centre, tile_k or default_k, precision)
+    n = z.shape[0]
+    chunk = lambda a: lax.stop_gradient(a).astype(jnp.float32) - centre
+    if n <= tile_n:
+        return search(chunk(z))
+    full = n // tile_n
+
+    def body(j, out):
+        rows = lax.dynamic_slice_in_dim(z, j * tile_n, tile_n)
+        return lax.dynamic_update_slice_in_dim(out, search(chunk(rows)), j * tile_n, 0)
+
+    out = lax.fori_loop(0, full, body, jnp.zeros_like(z[:, 0], jnp.int32))
+    if n > full * tile_n:
+        out = out.at[full * tile_n:].set(search(chunk(z[full * tile_n:])))
+    return out
 
 
 def segment_sum(data: Array, segment_ids: Array, num_segments: int) -> Array:
