@@ -20,6 +20,7 @@ into place, so readers never see half of one. Host memory holds one shard at a t
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import math
@@ -287,21 +288,33 @@ def _run(backbone, source, directory, pending, num_images, images_per_shard, poo
         bar = tqdm.tqdm(total=len(indices), unit="img", dynamic_ncols=True, desc="features")
     iterator = iter(ds)
     try:
-        for batch in iterator:
-            images = batch["image"]
-            n = images.shape[0]
-            if images.shape[1:] != (size, size, 3):
-                raise ValueError(f"Preprocessed images are {images.shape[1:]}, the backbone "
-                                 f"wants {(size, size, 3)}.")
-            if n < local_batch:  # the last batch: pad so the step compiles once
-                images = np.concatenate([images, np.zeros((local_batch - n, size, size, 3),
-                                                          np.uint8)])
-            out = np.asarray(step(params, jax.device_put(images, parallel.batch_sharded(mesh))))[:n]
+        # One batch in flight: the next batch is dispatched before the previous one's features
+        # are copied to the host, so the accelerator does not wait on the host's shard work.
+        in_flight = None
+        for batch in itertools.chain(iterator, [None]):
+            launched = None
+            if batch is not None:
+                images = batch["image"]
+                if images.shape[1:] != (size, size, 3):
+                    raise ValueError(f"Preprocessed images are {images.shape[1:]}, the backbone "
+                                     f"wants {(size, size, 3)}.")
+                n_new = images.shape[0]
+                if n_new < local_batch:  # the last batch: pad so the step compiles once
+                    images = np.concatenate([images, np.zeros(
+                        (local_batch - n_new, size, size, 3), np.uint8)])
+                launched = (step(params, jax.device_put(images, parallel.batch_sharded(mesh))),
+                            n_new, batch["label"], batch["index"])
+            if in_flight is None:
+                in_flight = launched
+                continue
+            out, n, batch_labels, batch_indices = in_flight
+            in_flight = launched
+            out = np.asarray(out)[:n]
             if not np.all(np.isfinite(out)):
                 raise FloatingPointError("Non-finite features: check the backbone weights.")
             buffers["features"].append(out.astype(dtype))
-            buffers["label"].append(batch["label"])
-            buffers["index"].append(batch["index"])
+            buffers["label"].append(batch_labels)
+            buffers["index"].append(batch_indices)
             buffered += n
             while shard is not None and buffered >= need:
                 feats = np.concatenate(buffers["features"])

@@ -103,10 +103,6 @@ def random_rows(chunks: Callable[[], Iterable[np.ndarray]], num_rows: int, seed)
     return best_x
 
 
-def _sq_dist_to(x: jax.Array, c: jax.Array) -> jax.Array:
-    return jnp.sum((x - c[None, :]) ** 2, axis=-1)
-
-
 @functools.partial(jax.jit, static_argnums=(1,))
 def kmeans_plus_plus(x: jax.Array, num_clusters: int, key: jax.Array) -> jax.Array:
     """k-means++ seeding: each new centre drawn with probability proportional to D(x)^2.
@@ -115,21 +111,27 @@ def kmeans_plus_plus(x: jax.Array, num_clusters: int, key: jax.Array) -> jax.Arr
     centres over millions of points use init='random' (the release's choice).
     """
     n = x.shape[0]
+    mean = jnp.mean(x, axis=0)
+    xc = x - mean  # centred: |x|^2 - 2 x.c + |c|^2 then cancels little in float32
+    x2 = jnp.sum(xc * xc, axis=1)
+
+    def sq_dist_to(c):  # a matrix-vector product: ~15x faster in the loop than sum((x - c)^2)
+        return jnp.maximum(x2 - 2.0 * (xc @ c) + jnp.sum(c * c), 0.0)
+
     first = jax.random.randint(key, (), 0, n)
     centres = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(x[first])
-    d2 = _sq_dist_to(x, x[first])
 
     def body(i, carry):
         centres, d2 = carry
-        k = jax.random.fold_in(key, i)
-        total = jnp.sum(d2)
+        u = jax.random.uniform(jax.random.fold_in(key, i))
+        # Inverse-CDF draw: one random number per centre, not one per point.
+        cdf = jnp.cumsum(d2)
+        j = jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"), n - 1)
         # All points coincide with a centre: fall back to a uniform draw.
-        logits = jnp.where(total > 0, jnp.log(jnp.maximum(d2, 1e-30)), jnp.zeros_like(d2))
-        j = jax.random.categorical(k, logits)
-        centres = centres.at[i].set(x[j])
-        return centres, jnp.minimum(d2, _sq_dist_to(x, x[j]))
+        j = jnp.where(cdf[-1] > 0, j, jnp.minimum((u * n).astype(jnp.int32), n - 1))
+        return centres.at[i].set(x[j]), jnp.minimum(d2, sq_dist_to(xc[j]))
 
-    centres, _ = jax.lax.fori_loop(1, num_clusters, body, (centres, d2))
+    centres, _ = jax.lax.fori_loop(1, num_clusters, body, (centres, sq_dist_to(xc[first])))
     return centres
 
 
