@@ -144,6 +144,7 @@ def test_bad_settings_fail_before_any_work(image_folder, tmp_path):
         ({"features.dim": 768}, "16-d features but features.dim=768"),
         ({"features.pool": 3}, "does not divide"),
         ({"features.dtype": "int8"}, "features.dtype"),
+        ({"clip.dtype": "float16"}, "clip.dtype='float16'; valid: float32, bfloat16"),
     ]
     for overrides, message in cases:
         workdir = tmp_path / str(len(os.listdir(tmp_path)))

@@ -46,7 +46,11 @@ def test_training_lowers_the_loss(trained):
     assert all(0.0 < r["utilization"] <= 1.0 for r in records)
     before_gan = [r for r in records if r["step"] <= 30]
     assert all(r["d_loss"] == 0 and r["gan_weight"] == 0 for r in before_gan)
-    assert last["d_loss"] > 0 and last["gan_weight"] > 0 and last["lpips"] > 0
+    # After disc_start: the adaptive weight is positive at every step; the hinge d_loss is
+    # positive while the discriminator is still learning (it may reach exactly 0 on a batch).
+    after_gan = [r for r in records if r["step"] > 30]
+    assert all(r["gan_weight"] > 0 and r["g_loss"] != 0 for r in after_gan), after_gan
+    assert any(r["d_loss"] > 0 for r in after_gan) and last["lpips"] > 0, after_gan
 
 
 def test_run_writes_its_outputs(trained):

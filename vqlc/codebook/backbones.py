@@ -61,19 +61,28 @@ def make_backbone(config) -> Backbone:
         if not config.clip.path:
             raise ValueError(CLIP_HELP)
         from vqlc.models import clip
-        return _from_clip_extractor(clip.load(config.clip.path), "clip")
+        return _from_clip_extractor(clip.load(config.clip.path, dtype=_dtype(config)), "clip")
     if name == "random_init":
         from vqlc.models import clip
         vision = clip.ClipVisionConfig(**dict(config.clip.random_config))
-        return _from_clip_extractor(clip.random_init(vision, seed=config.seed), "random_init")
+        return _from_clip_extractor(
+            clip.random_init(vision, seed=config.seed, dtype=_dtype(config)), "random_init")
     raise ValueError(f"config.backbone={name!r} is unknown; valid: {', '.join(BACKBONES)}.")
+
+
+def _dtype(config):
+    """CLIP activations: float32 (exact, the default) or bfloat16 (accelerators)."""
+    if config.clip.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"clip.dtype={config.clip.dtype!r}; valid: float32, bfloat16.")
+    return jnp.dtype(config.clip.dtype)
 
 
 def _from_clip_extractor(extractor, kind: str) -> Backbone:
     from vqlc.models import clip
     spec = {"backbone": kind, "name": str(extractor.name), "image_size": int(extractor.image_size),
             "grid_size": int(extractor.grid_size), "feature_dim": int(extractor.feature_dim),
-            "weights": weights_fingerprint(extractor.params)}
+            "weights": weights_fingerprint(extractor.params),
+            "dtype": np.dtype(extractor.dtype).name}
     if kind == "random_init":
         spec["config"] = _jsonable(dataclasses.asdict(extractor.config)
                                    if dataclasses.is_dataclass(extractor.config)

@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.clip = ml_collections.ConfigDict()
     c.clip.path = ""  # HF snapshot folder of openai/clip-vit-large-patch14, or ViT-L-14.pt
+    c.clip.dtype = "float32"  # activations; 'bfloat16' on GPUs/TPUs (params stay float32)
     # backbone='random_init' only: the vqlc.models.clip.ClipVisionConfig of the random tower
     # (default: ViT-L/14's geometry, i.e. the paper's encoder without its training).
     c.clip.random_config = ml_collections.ConfigDict(dict(
