@@ -11,19 +11,11 @@ from vqlc.codebook import task
 
 
 def get_config(arg: str = ""):
-    c = task.base_config()
+    c = task.base_config()  # the release's recipe: CLIP ViT-L/14, 4x4 pooling, float16 shards
     c.data.kind = "folder"
     c.data.path = ""  # required: the FFHQ image folder
     c.data.num_workers = 8
-    c.backbone = "clip"
-    c.features.pool = 4
     c.features.dim = 768
-    c.features.batch_size = 256
-    c.features.images_per_shard = 5000
-    c.features.dtype = "float16"
     c.kmeans.mode = "global"
-    c.kmeans.num_clusters = 100_000
     c.kmeans.init = "random"  # k-means++ seeding is sequential in K: too slow for 100K centres
-    c.kmeans.num_iters = 100
-    c.kmeans.tol = 1e-4
     return task.apply_variants(c, arg, {})

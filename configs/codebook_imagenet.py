@@ -19,23 +19,12 @@ from vqlc.codebook import task
 
 
 def get_config(arg: str = ""):
-    c = task.base_config()
+    c = task.base_config()  # the release's recipe: CLIP ViT-L/14, 4x4 pooling, float16 shards
     c.data.kind = "tfds"
     c.data.name = "imagenet2012"
     c.data.train_split = "train"
     c.data.num_workers = 8
-    c.backbone = "clip"
-    c.features.pool = 4
     c.features.dim = 768
-    c.features.batch_size = 256
-    c.features.images_per_shard = 5000
-    c.features.dtype = "float16"
-    c.kmeans.mode = "per_class"
-    c.kmeans.clusters_per_class = 100
-    c.kmeans.num_clusters = 100_000
-    c.kmeans.init = "random"
-    c.kmeans.num_iters = 100
-    c.kmeans.tol = 1e-4
     return task.apply_variants(c, arg, {
         "random_features": _mode("random_features"),
         "random_init": _mode("random_init"),

@@ -163,40 +163,30 @@ class ClipMLP(nn.Module):
 
 class ClipEncoderLayer(nn.Module):
     """Pre-LN transformer block."""
-    hidden_size: int
-    num_heads: int
-    intermediate_size: int
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
+    config: ClipVisionConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        ln = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype,
+        c = self.config
+        ln = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
                                param_dtype=jnp.float32)
-        x = x + ClipAttention(self.hidden_size, self.num_heads, self.dtype,
+        x = x + ClipAttention(c.hidden_size, c.num_heads, self.dtype,
                               name="self_attn")(ln(name="layer_norm1")(x))
-        x = x + ClipMLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype,
+        x = x + ClipMLP(c.hidden_size, c.intermediate_size, c.hidden_act, self.dtype,
                         name="mlp")(ln(name="layer_norm2")(x))
         return x
 
 
 class ClipEncoder(nn.Module):
     """The stack of encoder layers (``encoder/layers_{i}``)."""
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    intermediate_size: int
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
+    config: ClipVisionConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        for i in range(self.num_layers):
-            x = ClipEncoderLayer(self.hidden_size, self.num_heads, self.intermediate_size,
-                                 self.layer_norm_eps, self.hidden_act, self.dtype,
-                                 name=f"layers_{i}")(x)
+        for i in range(self.config.num_layers):
+            x = ClipEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x)
         return x
 
 
@@ -249,8 +239,7 @@ class ClipVisionTower(nn.Module):
         x = ClipEmbeddings(c.image_size, c.patch_size, c.hidden_size, self.dtype,
                            name="embeddings")(x.astype(self.dtype))
         x = ln(name="pre_layrnorm")(x)
-        x = ClipEncoder(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size,
-                        c.layer_norm_eps, c.hidden_act, self.dtype, name="encoder")(x)
+        x = ClipEncoder(c, self.dtype, name="encoder")(x)
         # The post-layernorm goes on every token (not only CLS, unlike CLIP's pooled output).
         x = ln(name="post_layernorm")(x[:, 1:])
         x = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
