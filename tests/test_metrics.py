@@ -43,3 +43,36 @@ def test_utilization_and_perplexity():
     assert metrics.utilization(counts) == 0.5
     assert float(metrics.perplexity(counts)) == pytest.approx(2.0, rel=1e-5)
     assert float(metrics.perplexity(np.ones(7))) == pytest.approx(7.0, rel=1e-5)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    import scipy.linalg
+    from vqlc.eval.metrics import frechet_distance
+    rng = np.random.default_rng(0)
+    d = 64
+    a, b = rng.normal(size=(d, 3 * d)), rng.normal(size=(d, 3 * d)) * 0.7
+    s1, s2 = a @ a.T / (3 * d), b @ b.T / (3 * d) + 0.1 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    np.testing.assert_allclose(frechet_distance(mu1, s1, mu2, s2), want, rtol=1e-6)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)  # a distance: 0 to itself
+    with pytest.raises(ValueError, match="Mismatched"):
+        frechet_distance(mu1, s1, mu2[:3], s2)
+
+
+def test_feature_statistics_merge_equals_numpy():
+    from vqlc.eval.metrics import FeatureStatistics
+    x = np.random.default_rng(1).normal(2.0, 1.5, (301, 7))
+    whole, parts = FeatureStatistics(7), FeatureStatistics(7)
+    whole.add(x)
+    for chunk in np.array_split(x, 4):  # e.g. four hosts
+        part = FeatureStatistics(7)
+        part.add(chunk)
+        parts.merge(part)
+    for stats in (whole, parts):
+        mu, sigma = stats.mean_and_covariance()
+        np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9)
+    with pytest.raises(ValueError, match=r"\[N, 7\]"):
+        whole.add(np.zeros((3, 5)))
