@@ -149,3 +149,19 @@ def test_bad_input_is_a_clear_error():
         kmeans.fit(np.zeros((20,), np.float32), 2)
     with pytest.raises(ValueError, match="fewer than 5 rows"):
         kmeans.fit_per_class(np.zeros((12, 2), np.float32), np.repeat([0, 1], [8, 4]), 5)
+
+
+def test_per_class_batched_path_equals_one_class_at_a_time(monkeypatch):
+    # Accelerators search a block of classes as one batched matmul; CPU maps over classes.
+    # Both must give the same centres (the batched path is exercised here on CPU).
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    labels = np.repeat([0, 1, 2], [90, 100, 110])
+    mapped = kmeans.fit_per_class(x, labels, 4, num_iters=20, tol=1e-5)
+    monkeypatch.setattr(kmeans, "_classes_per_step", lambda n: n)
+    kmeans._per_class_fn.cache_clear()  # a fresh jit: retrace with the batched search
+    try:
+        batched = kmeans.fit_per_class(x, labels, 4, num_iters=20, tol=1e-5)
+    finally:
+        kmeans._per_class_fn.cache_clear()
+    np.testing.assert_allclose(batched, mapped, atol=1e-5)
