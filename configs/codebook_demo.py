@@ -11,6 +11,7 @@ k-means++ then 30 Lloyd steps to 512 centres, rescaled to unit mean feature norm
 at the scale of the projector's init). Needs no download; a couple of minutes on a CPU.
 `:tiny` is the seconds-long version the tests run (it matches configs/default.py:tiny).
 """
+from vqlc import config_base
 from vqlc.codebook import task
 
 
@@ -36,7 +37,7 @@ def get_config(arg: str = ""):
     c.kmeans.init = "k-means++"
     c.kmeans.num_iters = 30
     c.kmeans.tol = 1e-4
-    return task.apply_variants(c, arg, {"tiny": _tiny})
+    return config_base.apply_named_variants(c, arg, {"tiny": _tiny})
 
 
 def _tiny(c):

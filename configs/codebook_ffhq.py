@@ -7,6 +7,7 @@ pooled vectors = 1.12M vectors of 768-d, 3.4 GB as float32: clustered in memory)
         --config.data.path=<folder of FFHQ images> --config.clip.path=<CLIP snapshot folder>
     # then: configs/ffhq_lc.py --config.codebook.path=runs/cb_ffhq/codebook.npy
 """
+from vqlc import config_base
 from vqlc.codebook import task
 
 
@@ -18,4 +19,4 @@ def get_config(arg: str = ""):
     c.features.dim = 768
     c.kmeans.mode = "global"
     c.kmeans.init = "random"  # k-means++ seeding is sequential in K: too slow for 100K centres
-    return task.apply_variants(c, arg, {})
+    return config_base.apply_named_variants(c, arg, {})

@@ -15,6 +15,7 @@ resumes the extraction where it stopped. An image folder instead of tfds:
 Paper Table 6 ablations: `:random_features` (K features drawn at random), `:random_init`
 (standard normal codes), `:global` (one k-means over all features).
 """
+from vqlc import config_base
 from vqlc.codebook import task
 
 
@@ -25,7 +26,7 @@ def get_config(arg: str = ""):
     c.data.train_split = "train"
     c.data.num_workers = 8
     c.features.dim = 768
-    return task.apply_variants(c, arg, {
+    return config_base.apply_named_variants(c, arg, {
         "random_features": _mode("random_features"),
         "random_init": _mode("random_init"),
         "global": _mode("global"),

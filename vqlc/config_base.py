@@ -113,10 +113,16 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str, extra=None) -> ml_col
     Common variants: 'eval' (evaluate a trained workdir instead of training) and 'f8' (32x32
     tokens at 256 px). `extra` maps further variant names to functions of the config.
     """
-    variants = {"eval": _eval, "f8": f8, **(extra or {})}
+    return apply_named_variants(c, arg, {"eval": _eval, "f8": f8, **(extra or {})})
+
+
+def apply_named_variants(c: ml_collections.ConfigDict, arg: str,
+                         variants: dict) -> ml_collections.ConfigDict:
+    """Applies the comma-separated names in `arg`, each a function of the config in `variants`."""
     for name in filter(None, (arg or "").split(",")):
         if name not in variants:
-            raise ValueError(f"Unknown config variant {name!r}; valid: {', '.join(sorted(variants))}.")
+            raise ValueError(f"Unknown config variant {name!r}; valid: "
+                             f"{', '.join(sorted(variants)) or 'none'}.")
         variants[name](c)
     return c
 

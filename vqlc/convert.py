@@ -29,7 +29,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from vqlc import torch_files
+from vqlc import atomic_io, torch_files
 from vqlc.models import taming_names
 
 # Release state_dict key prefix -> (part, Flax path inside that part). Parts: "generator" (the
@@ -241,7 +241,7 @@ def convert(config, src: str, dst: str, *, codebook_path: Optional[str] = None,
         config.codebook.path = cb_file
         config.codebook.build = ""
     config_io.write_or_check(config, dst)
-    frozen_codebook.atomic_save_npy(cb_file, variables["codebook"])
+    atomic_io.atomic_save_npy(cb_file, variables["codebook"])
 
     # Built directly from the converted arrays (no jitted init: a full-size model would compile
     # for minutes on a CPU), then checked leaf by leaf against the structure, shapes and dtypes

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlc import parallel
+from vqlc import atomic_io, parallel
 from vqlc.data import transforms
 
 SPEC_FILE = "spec.json"
@@ -119,13 +119,6 @@ def _completed_shards(directory: str) -> dict[int, str]:
     return done
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _check_or_write_spec(directory: str, spec: dict) -> None:
     """Refuses to mix features made by different settings in one folder."""
     path = os.path.join(directory, SPEC_FILE)
@@ -143,7 +136,7 @@ def _check_or_write_spec(directory: str, spec: dict) -> None:
                 "folder, or point features.dir at a new one, to extract with these settings.")
         return
     os.makedirs(directory, exist_ok=True)
-    _atomic_write_json(path, spec)
+    atomic_io.atomic_write_json(path, spec, sort_keys=True)
 
 
 def _write_shard(directory: str, shard: int, process_index: int, features: np.ndarray,
@@ -168,8 +161,9 @@ def _write_manifest(directory: str, process_index: int, rows_per_image: int) -> 
             labels = np.load(os.path.join(directory, name, "labels.npy"), mmap_mode="r")
             entries.append({"shard": shard, "name": name, "rows": int(labels.shape[0]),
                             "images": int(labels.shape[0]) // rows_per_image})
-    _atomic_write_json(os.path.join(directory, f"manifest-p{process_index:03d}.json"),
-                       {"process_index": process_index, "shards": entries})
+    atomic_io.atomic_write_json(os.path.join(directory, f"manifest-p{process_index:03d}.json"),
+                                {"process_index": process_index, "shards": entries},
+                                sort_keys=True)
 
 
 def extract_features(backbone, source, directory: str, *, pool: int = 1, batch_size: int = 64,

@@ -2,7 +2,6 @@
 
 The workdir keeps one copy, <workdir>/codebook.npy, written once; checkpoints do not hold it.
 """
-import json
 import logging
 import os
 import shutil
@@ -12,7 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from vqlc import atomic_io
+
 WORKDIR_FILE = "codebook.npy"
+INFO_FILE = "codebook.json"
 
 
 def load_codebook(path: str, codebook_size: int, feature_dim: int) -> np.ndarray:
@@ -54,9 +56,7 @@ def prepare_codebook(config: ml_collections.ConfigDict, workdir: str) -> np.ndar
     if cb.build == "vgg16_kmeans":
         codes, info = build_vgg16_kmeans_codebook(config, workdir)
         if jax.process_index() == 0:
-            atomic_save_npy(target, codes)
-            with open(os.path.join(workdir, "codebook.json"), "w") as f:
-                json.dump(info, f, indent=2)
+            save_codebook(workdir, codes, info)
         return codes
     if cb.build:
         raise ValueError(f"codebook.build={cb.build!r} is unknown; valid: '', 'vgg16_kmeans'.")
@@ -115,11 +115,13 @@ def build_vgg16_kmeans_codebook(config: ml_collections.ConfigDict,
     return codes, info
 
 
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """np.save that never leaves a half-written file at `path` (temp file + rename)."""
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def save_codebook(workdir: str, codes: np.ndarray, info: dict) -> str:
+    """Writes <workdir>/codebook.npy (float32) and codebook.json, each atomically; returns the
+    .npy path."""
+    target = os.path.join(workdir, WORKDIR_FILE)
+    atomic_io.atomic_save_npy(target, np.asarray(codes, np.float32))
+    atomic_io.atomic_write_json(os.path.join(workdir, INFO_FILE), info)
+    return target
 
 
 def _atomic_copy(src: str, dst: str) -> None:

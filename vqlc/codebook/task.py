@@ -10,7 +10,6 @@ record of how they were made. Re-running the command resumes an interrupted extr
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,8 +25,6 @@ from vqlc.codebook import frozen
 MODES = ("per_class", "global", "random_features", "random_init")
 INITS = ("random", "k-means++")
 RESCALES = ("none", "mean_norm")
-CODEBOOK_FILE = "codebook.npy"
-INFO_FILE = "codebook.json"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,16 +76,6 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # local devices used for extraction; -1 = all
-    return c
-
-
-def apply_variants(c, arg: str, variants: dict):
-    """Applies comma-separated variants from `--config=file.py:a,b`."""
-    for name in filter(None, (arg or "").split(",")):
-        if name not in variants:
-            raise ValueError(f"Unknown config variant {name!r}; valid: "
-                             f"{', '.join(sorted(variants)) or 'none'}.")
-        variants[name](c)
     return c
 
 
@@ -292,13 +279,9 @@ def build_codebook(config, workdir: str) -> dict:
     features_dir = config.features.dir or os.path.join(workdir, "features")
     codes, info = make_codebook(config, features_dir)
     info["wall_time_s"] = round(time.time() - start, 1)
-    info["codebook_file"] = os.path.join(workdir, CODEBOOK_FILE)
+    info["codebook_file"] = os.path.join(workdir, frozen.WORKDIR_FILE)
     if jax.process_index() == 0:
-        frozen.atomic_save_npy(os.path.join(workdir, CODEBOOK_FILE), codes.astype(np.float32))
-        tmp = os.path.join(workdir, INFO_FILE + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(info, fh, indent=2)
-        os.replace(tmp, os.path.join(workdir, INFO_FILE))
+        frozen.save_codebook(workdir, codes, info)
         logging.info("Codebook: %s [%d, %d] (%s, inertia %s) in %.1f s",
                      info["codebook_file"], codes.shape[0], codes.shape[1], info["mode"],
                      info["inertia"], info["wall_time_s"])
