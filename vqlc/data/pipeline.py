@@ -115,19 +115,31 @@ def num_eval_examples(cfg) -> int:
 
 
 class _EvalRecord(grain.transforms.Map):
-    """Position in the padded shard -> transformed example, or zeros with mask False (padding)."""
+    """Position in the padded shard -> {'image': image_fn(record), 'mask': True}, or a zero
+    image of ``pad_shape``/``pad_dtype`` with mask False (padding)."""
 
-    def __init__(self, source, indices: np.ndarray, transform: transforms.EvalTransform):
+    def __init__(self, source, indices: np.ndarray, image_fn, pad_shape: tuple, pad_dtype):
         self.source = source
         self.indices = indices
-        self.transform = transform
+        self.image_fn = image_fn
+        self.pad_shape = tuple(pad_shape)
+        self.pad_dtype = pad_dtype
 
     def map(self, position: int) -> dict:
         index = int(self.indices[position])
-        size = self.transform.image_size
         if index < 0:
-            return {"image": np.zeros((size, size, 3), np.uint8), "mask": np.bool_(False)}
-        return {"image": self.transform.map(self.source[index])["image"], "mask": np.bool_(True)}
+            return {"image": np.zeros(self.pad_shape, self.pad_dtype), "mask": np.bool_(False)}
+        return {"image": self.image_fn(self.source[index]["image"]), "mask": np.bool_(True)}
+
+
+class _CentreCrop:
+    """The evaluation transform as a picklable image -> image function (for grain workers)."""
+
+    def __init__(self, transform: transforms.EvalTransform):
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.transform.map({"image": image})["image"]
 
 
 def eval_shard_indices(num_examples: int, batch_size: int, shard_index: int,
@@ -152,20 +164,45 @@ def make_eval_iterator(cfg, *, batch_size: int, shard_index: int = 0, shard_coun
     ``num_eval_examples(cfg)``; the tail is padded with zero images whose mask is False. Over
     all processes every example appears exactly once, and all yield the same number of batches.
     """
+    size = cfg.image_size
+    crop = _CentreCrop(transforms.EvalTransform(size, _resize_shorter(cfg)))
+    ds = _eval_dataset(cfg, crop, (size, size, 3), np.uint8, batch_size=batch_size,
+                       shard_index=shard_index, shard_count=shard_count)
+    return _closing(iter(ds.map(transforms.NormalizeBatch())))
+
+
+def make_eval_source_iterator(cfg, image_fn, image_shape: tuple, image_dtype, *, batch_size: int,
+                              shard_index: int = 0, shard_count: int = 1):
+    """Like :func:`make_eval_iterator`, over the same examples in the same order, but each
+    example is ``image_fn(raw source image)`` instead of the centre crop (e.g. the raw
+    validation images resized for Inception: the release's rFID reference).
+
+    ``image_fn`` maps uint8 [H, W, 3] of any size to an array of ``image_shape`` and
+    ``image_dtype`` (padding is zeros of that shape); it must be picklable when
+    ``cfg.num_workers > 0``. Yields {'image': [batch_size, *image_shape], 'mask'}.
+    """
+    ds = _eval_dataset(cfg, image_fn, image_shape, image_dtype, batch_size=batch_size,
+                       shard_index=shard_index, shard_count=shard_count)
+    return _closing(iter(ds))
+
+
+def num_eval_batches(cfg, batch_size: int, shard_count: int = 1) -> int:
+    """How many batches each process's evaluation iterator yields."""
+    return len(eval_shard_indices(num_eval_examples(cfg), batch_size, 0, shard_count)) // batch_size
+
+
+def _eval_dataset(cfg, image_fn, pad_shape, pad_dtype, *, batch_size, shard_index, shard_count):
     _check_args(cfg, shard_index, shard_count)
     source = make_source(cfg, "eval")
     count = len(source)
     if cfg.eval_max_images:
         count = min(count, int(cfg.eval_max_images))
     indices = eval_shard_indices(count, batch_size, shard_index, shard_count)
-    record = _EvalRecord(source, indices,
-                         transforms.EvalTransform(cfg.image_size, _resize_shorter(cfg)))
+    record = _EvalRecord(source, indices, image_fn, pad_shape, pad_dtype)
     ds = grain.MapDataset.range(len(indices)).map(record)
     ds = ds.batch(batch_size, drop_remainder=False)  # always whole: len(indices) % batch_size == 0
     ds = ds.to_iter_dataset(_read_options(cfg.num_workers))
-    ds = _maybe_multiprocess(ds, cfg.num_workers)
-    ds = ds.map(transforms.NormalizeBatch())
-    return _closing(iter(ds))
+    return _maybe_multiprocess(ds, cfg.num_workers)
 
 
 def _closing(iterator):

@@ -328,6 +328,32 @@ def preprocess(images: Array, protocol: str = "clean") -> Array:
     return (x - 128.0) / 128.0
 
 
+class HostResize:
+    """One image of any size -> float32 [299, 299, 3], resized on the host by ``protocol``.
+
+    The same resize as :func:`preprocess` (whose resize is then a no-op), for images whose sizes
+    differ so that they cannot be batched first: the raw validation images of the release's rFID
+    reference. Picklable, for grain workers.
+    """
+
+    def __init__(self, protocol: str = "clean"):
+        _check_protocol(protocol)
+        self.protocol = protocol
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+        method = _PROTOCOL_RESIZE[self.protocol]
+        h, w, _ = image.shape
+        x = image.astype(np.float32)
+        if h != INPUT_SIZE:
+            x = np.einsum("oh,hwc->owc", resize_matrix(h, INPUT_SIZE, method), x)
+        if w != INPUT_SIZE:
+            x = np.einsum("ow,hwc->hoc", resize_matrix(w, INPUT_SIZE, method), x)
+        return np.ascontiguousarray(x, np.float32)
+
+
 def features_fn(params: Params, images: Array, protocol: str = "clean",
                 precision: Any = jax.lax.Precision.HIGHEST) -> Array:
     """Pure pool_3 features: NHWC RGB images in [0, 255], any size -> float32 [B, 2048].
