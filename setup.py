@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     # CLIP checkpoints (Hugging Face snapshots), read as numpy without torch.
     "safetensors>=0.4,<1",
+    # t-SNE of the codebook (python -m vqlc.figures tsne).
+    "scikit-learn>=1.4,<2",
 ]
 
 setuptools.setup(
@@ -38,8 +40,8 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        # benchmarks/kmeans.py compares against these.
-        "bench": ["faiss-cpu>=1.8", "scikit-learn>=1.4"],
+        # benchmarks/kmeans.py compares against faiss (and scikit-learn, installed anyway).
+        "bench": ["faiss-cpu>=1.8"],
     },
     license="Apache-2.0",
 )

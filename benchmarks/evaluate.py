@@ -49,7 +49,6 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from vqlc import parallel
     from vqlc.data import make_eval_iterator

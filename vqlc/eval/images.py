@@ -39,23 +39,5 @@ def save_png(path: str, image: np.ndarray) -> None:
 
 def plot_utilization(records: list[dict], path: str, title: str = "") -> bool:
     """Line plot of codebook utilisation over training steps. False when nothing to plot."""
-    points = [(r["step"], r["utilization"]) for r in records if "utilization" in r]
-    if not points:
-        return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, util = zip(*sorted(points))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, np.asarray(util) * 100.0, lw=1.8)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("codes used in window (%)")
-    ax.set_ylim(0, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title(title or "Codebook utilisation during training")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    from vqlc.eval import analysis  # the multi-run plot; imported here to keep this module light
+    return analysis.plot_utilization_runs([(None, records)], path, title=title)
