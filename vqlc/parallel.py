@@ -1,7 +1,10 @@
 """Device mesh, shardings and global batches.
 
-One data axis by default: the batch is split over it and parameters are replicated. The same
-code runs on one CPU, several virtual CPU devices (tests), a GPU node or a TPU slice.
+One data axis: the batch is split over it. Parameters and optimiser state are replicated by
+default, or, with ``mesh.shard_params`` (FSDP / ZeRO-3 style), each large array is split over
+the same axis along one of its dimensions: XLA gathers the weights where a layer needs them and
+reduce-scatters their gradients, so per-device state memory falls with the device count. The
+same code runs on one CPU, several virtual CPU devices (tests), a GPU node or a TPU slice.
 """
 import jax
 import numpy as np
@@ -21,6 +24,33 @@ def make_mesh(num_data_devices: int = -1, devices=None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh: Mesh, shape: tuple, min_size: int = 2 ** 14) -> NamedSharding:
+    """FSDP placement of one array: split over the data axis along its largest dimension that
+    the axis divides; arrays under `min_size` elements (biases, norms, scalars) stay replicated,
+    where gathering them would cost more than it saves."""
+    n = mesh.shape[DATA_AXIS]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if shape[d] % n == 0:
+            spec = [None] * len(shape)
+            spec[d] = DATA_AXIS
+            return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def state_shardings(mesh: Mesh, shapes, shard_params: bool, sharded_fields=()):
+    """Shardings for a train-state pytree of shapes: replicated, or for the fields named in
+    `sharded_fields` (parameters, optimiser states) `param_sharding` per array."""
+    if not shard_params:
+        return jax.tree.map(lambda _: replicated(mesh), shapes)
+    fields = {f: jax.tree.map(lambda s: param_sharding(mesh, s.shape), getattr(shapes, f))
+              for f in sharded_fields}
+    rest = jax.tree.map(lambda _: replicated(mesh), shapes)
+    return rest.replace(**fields)
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:

@@ -39,7 +39,7 @@ class Tokenizer:
             config.mesh.data = 1
         mesh = parallel.make_mesh(1)
         # A freshly initialised state gives the structure, shapes and shardings to restore into.
-        model, _, _, _, template, frozen = setup_model(config, workdir, mesh)
+        model, _, _, _, template, frozen = setup_model(config, workdir, mesh, abstract=True)
         state, step = checkpoint.restore_state_only(
             os.path.join(os.path.abspath(workdir), "checkpoints"), template, step)
         return cls(config, model, model_variables(state, frozen), step)

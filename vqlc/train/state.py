@@ -27,14 +27,23 @@ class TrainState:
     rng: jax.Array  # base key; each step folds in its step number
 
 
+# What mesh.shard_params splits over the devices; the rest (step, EMA statistics, usage counts,
+# BatchNorm statistics, RNG) is small and stays replicated.
+SHARDED_FIELDS = ("g_params", "g_opt_state", "d_params", "d_opt_state")
+
+
 def init_train_state(model: nn.Module, disc: nn.Module, g_tx: optax.GradientTransformation,
                      d_tx: optax.GradientTransformation, *, image_size: int, seed: int,
-                     mesh) -> tuple[TrainState, dict]:
+                     mesh, abstract: bool = False,
+                     shard_params: bool = False) -> tuple[TrainState, dict]:
     """Initialise straight into replicated arrays on `mesh`.
 
     Returns (state, frozen) where `frozen` holds the model's non-trainable variable
     collections other than 'ema' (for LC: {'frozen': {... 'codebook': zeros}}), to be filled
-    from the codebook file by the caller.
+    from the codebook file by the caller. With `abstract=True` the leaves are
+    jax.ShapeDtypeStructs carrying their shardings: a restore target that costs no compile
+    (loading a tokenizer for inference). `shard_params=True` splits the parameters and
+    optimiser states over the mesh (FSDP; see vqlc.parallel.param_sharding).
     """
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
@@ -54,7 +63,12 @@ def init_train_state(model: nn.Module, disc: nn.Module, g_tx: optax.GradientTran
             rng=jax.random.key_data(k_state))
         return state, variables
 
-    out_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init))
+    shapes = jax.eval_shape(init)
+    out_shardings = (parallel.state_shardings(mesh, shapes[0], shard_params, SHARDED_FIELDS),
+                     jax.tree.map(lambda _: parallel.replicated(mesh), shapes[1]))
+    if abstract:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, out_shardings)
     return jax.jit(init, out_shardings=out_shardings)()
 
 

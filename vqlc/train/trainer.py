@@ -43,14 +43,16 @@ class _StopRequested:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def setup_model(config: ml_collections.ConfigDict, workdir: str, mesh):
-    """Model, discriminator, optimisers, a fresh state and the frozen variables on `mesh`."""
+def setup_model(config: ml_collections.ConfigDict, workdir: str, mesh, abstract: bool = False):
+    """Model, discriminator, optimisers, a fresh state and the frozen variables on `mesh`.
+
+    `abstract=True`: the state is shapes and shardings only (a restore target; no compile)."""
     model = build.tokenizer_from_config(config)
     disc = build.discriminator_from_config(config)
     g_tx = optim.make_optimizer(config.optim, config.train.num_steps)
     d_tx = optim.make_optimizer(config.optim, config.train.num_steps)
     state, frozen = init_train_state(model, disc, g_tx, d_tx, image_size=config.data.image_size,
-                                     seed=config.seed, mesh=mesh)
+                                     seed=config.seed, mesh=mesh, abstract=abstract)
     if config.quantizer.kind == "lc":
         codes = frozen_codebook.prepare_codebook(config, workdir)
         frozen = {"frozen": jax.tree.map(
