@@ -9,6 +9,12 @@ So the union of the processes' batch ``b`` is exactly batch ``b`` of a single pr
 each epoch visits every record once in total. Batches are formed before any parallelism
 (threads or ``num_workers`` processes each build whole batches), so the batches are also
 identical for any ``num_workers``; a saved state must be restored with the same ``num_workers``.
+
+Bad data (see ``sources``). Training reads ``source[i]``, which replaces an undecodable record by
+the next decodable one in the source's own order: a function of ``i`` only, so the contract
+above holds and batches stay full. Evaluation reads ``try_read`` and turns an undecodable record
+into a padded row (mask False), so it is left out of every metric. Folders are header-checked at
+construction and ``data.max_bad_fraction`` bounds the unreadable share (``BadDataError``).
 """
 from __future__ import annotations
 
@@ -32,11 +38,17 @@ def make_source(cfg, split: str):
         root = cfg.path if split == "train" else (cfg.eval_path or cfg.path)
         if not root:
             raise ValueError("data.kind='folder' needs data.path (and optionally data.eval_path).")
-        return sources.ImageFolder(root)
+        return sources.ImageFolder(root, check_images=cfg.get("check_images", True),
+                                   max_bad_fraction=_max_bad_fraction(cfg))
     if cfg.kind == "tfds":
         tfds_split = cfg.train_split if split == "train" else cfg.eval_split
-        return sources.TfdsImages(cfg.name, tfds_split, data_dir=cfg.path or None)
+        return sources.TfdsImages(cfg.name, tfds_split, data_dir=cfg.path or None,
+                                  max_bad_fraction=_max_bad_fraction(cfg))
     raise ValueError(f"Unknown data.kind {cfg.kind!r} (expected 'demo', 'folder' or 'tfds').")
+
+
+def _max_bad_fraction(cfg) -> float:
+    return float(cfg.get("max_bad_fraction", sources.DEFAULT_MAX_BAD_FRACTION))
 
 
 def _resize_shorter(cfg) -> int:
@@ -116,7 +128,8 @@ def num_eval_examples(cfg) -> int:
 
 class _EvalRecord(grain.transforms.Map):
     """Position in the padded shard -> {'image': image_fn(record), 'mask': True}, or a zero
-    image of ``pad_shape``/``pad_dtype`` with mask False (padding)."""
+    image of ``pad_shape``/``pad_dtype`` with mask False (padding, or a record that cannot be
+    decoded: it is logged by the source and left out of the metrics)."""
 
     def __init__(self, source, indices: np.ndarray, image_fn, pad_shape: tuple, pad_dtype):
         self.source = source
@@ -127,9 +140,10 @@ class _EvalRecord(grain.transforms.Map):
 
     def map(self, position: int) -> dict:
         index = int(self.indices[position])
-        if index < 0:
+        record = None if index < 0 else sources.try_read(self.source, index)
+        if record is None:
             return {"image": np.zeros(self.pad_shape, self.pad_dtype), "mask": np.bool_(False)}
-        return {"image": self.image_fn(self.source[index]["image"]), "mask": np.bool_(True)}
+        return {"image": self.image_fn(record["image"]), "mask": np.bool_(True)}
 
 
 class _CentreCrop:
@@ -161,8 +175,9 @@ def make_eval_iterator(cfg, *, batch_size: int, shard_index: int = 0, shard_coun
     """Finite iterator of {'image': float32 [batch_size, S, S, 3], 'mask': bool [batch_size]}.
 
     Deterministic. Process ``p`` of ``n`` evaluates examples ``p, p + n, ...`` of the first
-    ``num_eval_examples(cfg)``; the tail is padded with zero images whose mask is False. Over
-    all processes every example appears exactly once, and all yield the same number of batches.
+    ``num_eval_examples(cfg)``; the tail is padded with zero images whose mask is False, and so
+    is any example that cannot be decoded (named in the log). Over all processes every example
+    appears exactly once, and all yield the same number of batches.
     """
     size = cfg.image_size
     crop = _CentreCrop(transforms.EvalTransform(size, _resize_shorter(cfg)))

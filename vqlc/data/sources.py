@@ -2,15 +2,36 @@
 
 Every source has ``len()`` and ``__getitem__(i) -> {'image': uint8 [H, W, 3], 'label': int}``, so
 grain can index it directly (shuffle, shard and read in any order, from worker processes).
+
+Bad data. A record that cannot be decoded (truncated or corrupt file, a text file named .jpg, an
+unsupported mode) never raises out of a source:
+
+* ``source[i]`` (training, feature extraction) returns the next record ``i + 1, i + 2, ...``
+  (wrapping) that decodes. The replacement depends only on ``i``, so the data order stays the
+  same for any number of processes and workers, and batches stay full.
+* ``source.try_read(i)`` (evaluation) returns None instead, and the evaluation pipeline makes
+  the row a padded one (mask False), so it is left out of the metrics.
+
+Each unreadable record is named in a warning once per process (worker processes log to their
+stderr) and listed in ``source.bad_files``. ``ImageFolder`` also opens every file's header when
+it is built (about 0.1 ms per file, threaded), so files that are not images at all (zero bytes,
+random bytes, text) are dropped before any index is assigned, counted and named in the log.
+Too much bad data is an error (``BadDataError``) rather than a silently skewed dataset: at
+construction when the header check finds more than ``max_bad_fraction`` of the files unreadable,
+and at decode time as soon as one process has itself seen more than that fraction (a lower bound
+on the true count, since each process sees only the records it reads).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import importlib.resources
+import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vqlc.data import transforms
 
@@ -32,6 +53,11 @@ DEMO_EVAL_PHOTOS = (
     "rocket.jpg",   # outdoor scene (sky, trees, structure), 427x640
 )
 DEMO_TRAIN_LENGTH = 10_000  # virtual records per epoch; each is one photo, random-cropped later
+
+DEFAULT_MAX_BAD_FRACTION = 0.01  # config: data.max_bad_fraction
+SCAN_THREADS = 16  # header checks are I/O bound (PIL releases the GIL while reading)
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +139,97 @@ def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Unreadable records
+# ----------------------------------------------------------------------------------------------
+
+class BadDataError(ValueError):
+    """More of a dataset is unreadable than ``max_bad_fraction`` allows (or all of it)."""
+
+
+def describe_error(error: BaseException) -> str:
+    """A short reason for a failed decode, without the (already known) file path."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file, or a format PIL cannot read"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def too_many_bad_message(where: str, num_bad: int, total: int, max_bad_fraction: float,
+                         examples: Sequence[tuple[str, str]], hint: str = "") -> str:
+    names = "; ".join(f"{name} ({reason})" for name, reason in examples[:5])
+    more = f"; and {num_bad - 5} more" if num_bad > 5 else ""
+    return (f"{where}: {num_bad:,} of {total:,} records ({100.0 * num_bad / max(total, 1):.2f}%)"
+            f" are unreadable, more than data.max_bad_fraction={max_bad_fraction} allows: "
+            f"{names}{more}. Fix or remove these files, or raise data.max_bad_fraction.{hint}")
+
+
+class _SafeReads:
+    """``__getitem__`` / ``try_read`` on top of a subclass's ``_read(index)``, which may raise.
+
+    Subclasses call ``_init_safe_reads`` in their constructor and may override ``describe``.
+    The per-process bookkeeping (``bad_files``, the known failures) travels to grain's worker
+    processes as a copy; each process then counts and logs what it reads itself.
+    """
+
+    def _init_safe_reads(self, max_bad_fraction: float, known_bad: Sequence = ()):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}.")
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.bad_files = list(known_bad)  # (name, reason): found at construction, then decoding
+        self._num_known_bad = len(self.bad_files)  # not part of len(self)
+        self._decode_failures = {}  # index -> reason, in this process
+
+    def _read(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """How the log names record ``index``."""
+        return f"record {index}"
+
+    def try_read(self, index: int) -> Optional[dict]:
+        """Record ``index``, or None when it cannot be decoded (logged once per process)."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        if index in self._decode_failures:
+            return None
+        try:
+            return self._read(index)
+        except Exception as error:  # decoders raise OSError, ValueError, SyntaxError, ...
+            reason = describe_error(error)
+        self._record_failure(index, reason)
+        return None
+
+    def _record_failure(self, index: int, reason: str) -> None:
+        if index in self._decode_failures:  # another thread got there first
+            return
+        self._decode_failures[index] = reason
+        name = self.describe(index)
+        self.bad_files.append((name, reason))
+        logger.warning("Unreadable image %s (%s) in %r [pid %d]: skipped (replaced by the next "
+                       "readable record in training, masked out in evaluation).",
+                       name, reason, self, os.getpid())
+        num_bad = self._num_known_bad + len(self._decode_failures)
+        total = len(self) + self._num_known_bad
+        if num_bad > self.max_bad_fraction * total:
+            raise BadDataError(too_many_bad_message(
+                f"{self!r} (found while decoding, in process {os.getpid()})", num_bad, total,
+                self.max_bad_fraction, self.bad_files))
+
+    def __getitem__(self, index: int) -> dict:
+        """Record ``index``, or when it cannot be decoded the next one (wrapping) that can."""
+        index = int(index)
+        count = len(self)
+        if not 0 <= index < count:
+            raise IndexError(f"index {index} out of range for {count} records")
+        for step in range(count):
+            record = self.try_read((index + step) % count)
+            if record is not None:
+                return record
+        raise BadDataError(f"No record of {self!r} can be decoded.")
+
+
+# ----------------------------------------------------------------------------------------------
 # Demo photos
 # ----------------------------------------------------------------------------------------------
 
@@ -135,7 +252,7 @@ def _grid_starts(length: int, size: int, stride: int) -> list[int]:
     return [margin + k * stride for k in range(count)]
 
 
-class DemoPhotos:
+class DemoPhotos(_SafeReads):
     """Real photographs bundled with scikit-image, for runs that need no dataset.
 
     ``split='train'``: a virtual dataset of ``DEMO_TRAIN_LENGTH`` records per epoch; record ``i``
@@ -156,6 +273,7 @@ class DemoPhotos:
         self.split = split
         self.photo_size = photo_size
         self.crop_size = crop_size
+        self._init_safe_reads(1.0)  # decoded once, here: nothing can fail later
         names = DEMO_TRAIN_PHOTOS if split == "train" else DEMO_EVAL_PHOTOS
         self.photo_names = names
         if split == "train":
@@ -181,10 +299,7 @@ class DemoPhotos:
     def __len__(self) -> int:
         return DEMO_TRAIN_LENGTH if self.split == "train" else len(self._crops)
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records")
+    def _read(self, index: int) -> dict:
         if self.split == "train":
             label = index % len(self._photos)
             return {"image": self._photos[label], "label": label}
@@ -202,17 +317,61 @@ class DemoPhotos:
 # Image folders
 # ----------------------------------------------------------------------------------------------
 
-class ImageFolder:
+# Header checks already done in this process: (root, digest of the sorted file list) -> {relpath:
+# reason} of the unreadable files. Several sources are built over the same folder in one run
+# (training, evaluation, rFID), so a folder is checked once while its file list is unchanged.
+_SCAN_CACHE: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def check_image_header(path: str) -> Optional[str]:
+    """None when PIL can open ``path`` as an image (header only, no decode), else the reason.
+
+    Catches zero-byte files, non-images (text, random bytes, unknown formats), corrupt headers
+    and decompression bombs; not truncated pixel data, which only a full decode finds.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as error:  # PIL raises many types for bad headers
+        return describe_error(error)
+    return None if width >= 1 and height >= 1 else f"empty image {width}x{height}"
+
+
+def check_image_headers(paths: Sequence[str], threads: int = SCAN_THREADS) -> list:
+    """``check_image_header`` of each path (threaded: it is file-system latency, not CPU)."""
+    if len(paths) < 64 or threads <= 1:
+        return [check_image_header(p) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(check_image_header, paths, chunksize=256))
+
+
+class ImageFolder(_SafeReads):
     """All image files under ``root`` (recursive), in sorted relative-path order.
 
     Labels: files are grouped by their top-level entry under ``root`` (root-level files form the
     group ``''``, which sorts first); the label is the group's index. So a flat folder gives label
     0 everywhere, and ``root/<class>/.../x.jpg`` gives the index of ``<class>`` in sorted order
     (shifted by one when some files also sit directly in ``root``). Hidden files and folders
-    (name starting with '.') are skipped. Decoding: see ``pil_to_rgb_uint8``.
+    (name starting with '.') are skipped, and so are files without an image extension (README,
+    .txt, ...). Decoding: see ``pil_to_rgb_uint8``.
+
+    ``check_images``: open every file's header first (``check_image_header``) and drop the files
+    PIL cannot open; they are named in the log and in ``bad_files``, and more than
+    ``max_bad_fraction`` of them raises ``BadDataError`` here, before any batch. Classes are
+    taken from all files found, unreadable ones included, so a bad file never shifts labels.
+    Every process of a multi-process run scans the whole folder (the index must be the same
+    everywhere); the measured cost is ~0.1 ms per file on a local disk, i.e. about two minutes
+    for ImageNet's 1.28M training images (more on network file systems: set
+    ``check_images=False`` to skip it, and let decode-time handling catch bad files). The result
+    is kept for the life of the process while the folder's file list is unchanged, so building
+    the same folder again (evaluation, rFID) costs only the directory walk.
     """
 
-    def __init__(self, root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    def __init__(self, root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, *,
+                 check_images: bool = True,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         root = os.path.expanduser(str(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"Image folder {root!r} does not exist or is not a folder.")
@@ -232,33 +391,87 @@ class ImageFolder:
         self.classes = sorted(set(groups))
         class_index = {name: i for i, name in enumerate(self.classes)}
         self.root = root
+        self.check_images = bool(check_images)
+
+        bad = []
+        if check_images:
+            key = (root, hashlib.sha256("\0".join(relpaths).encode()).hexdigest())
+            if key not in _SCAN_CACHE:
+                reasons = check_image_headers([os.path.join(root, p) for p in relpaths])
+                _SCAN_CACHE[key] = {p: r for p, r in zip(relpaths, reasons) if r is not None}
+            unreadable = _SCAN_CACHE[key]
+            bad = [(p, unreadable[p]) for p in relpaths if p in unreadable]
+            keep = [i for i, p in enumerate(relpaths) if p not in unreadable]
+            relpaths = [relpaths[i] for i in keep]
+            groups = [groups[i] for i in keep]
         self.paths = [os.path.join(root, p) for p in relpaths]
         self.labels = [class_index[g] for g in groups]
+        self._init_safe_reads(max_bad_fraction, bad)
+        self._log_scan(bad)
+        total = len(self.paths) + len(bad)
+        if not self.paths:
+            raise BadDataError(f"Image folder {root!r}: none of its {total:,} image files can be "
+                               f"opened: " + "; ".join(f"{p} ({r})" for p, r in bad[:5]))
+        if len(bad) > self.max_bad_fraction * total:
+            raise BadDataError(too_many_bad_message(
+                f"Image folder {root!r}", len(bad), total, self.max_bad_fraction, bad,
+                " (Found by opening each file's header when the folder was scanned.)"))
+
+    def _log_scan(self, bad: list) -> None:
+        if not bad:
+            logger.info("ImageFolder %s: %s images%s.", self.root, f"{len(self.paths):,}",
+                        "" if self.check_images else " (headers not checked)")
+            return
+        shown = 10
+        names = ", ".join(f"{p} ({r})" for p, r in bad[:shown])
+        logger.warning("ImageFolder %s: %s images, %s unreadable skipped: %s%s", self.root,
+                       f"{len(self.paths):,}", f"{len(bad):,}", names,
+                       f", and {len(bad) - shown:,} more (below)" if len(bad) > shown else "")
+        for path, reason in bad[shown:]:
+            logger.warning("ImageFolder %s: unreadable, skipped: %s (%s)", self.root, path,
+                           reason)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
+    def describe(self, index: int) -> str:
+        return os.path.relpath(self.paths[index], self.root)
+
+    def _read(self, index: int) -> dict:
         return {"image": load_image(self.paths[index]), "label": self.labels[index]}
 
     def __repr__(self) -> str:
         return f"ImageFolder(root={self.root!r}, len={len(self)}, classes={len(self.classes)})"
 
 
+def try_read(source, index: int) -> Optional[dict]:
+    """``source.try_read(index)`` for the sources here; for any other random-access source,
+    ``source[index]`` with a decode error turned into None (and a warning)."""
+    if hasattr(source, "try_read"):
+        return source.try_read(index)
+    try:
+        return source[index]
+    except Exception as error:  # a foreign source: same contract, no bookkeeping
+        logger.warning("Unreadable record %d of %r (%s): masked out.", index, source,
+                       describe_error(error))
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # TFDS
 # ----------------------------------------------------------------------------------------------
 
-class TfdsImages:
+class TfdsImages(_SafeReads):
     """Random access to a prepared tfds dataset (array_record files), like ``tfds.data_source``.
 
     Reading needs no TensorFlow. The 'image' feature is decoded by tfds (PIL) and normalised to
     uint8 RGB; 'label' is used when the dataset has it, else 0. Nothing is downloaded: an
-    unprepared dataset raises FileNotFoundError saying how to build it.
+    unprepared dataset raises FileNotFoundError saying how to build it. A record whose image fails
+    to decode is handled as described in the module docstring.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None):
+    def __init__(self, name: str, split: str, data_dir: str | None = None, *,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         import tensorflow_datasets as tfds  # heavy import, only for this source
 
         self.name = name
@@ -292,12 +505,16 @@ class TfdsImages:
                 f"{data_dir_flag}` (into another data_dir or after deleting the old files). "
                 f"({error})") from error
         self._has_label = "label" in builder.info.features.keys()
+        self._init_safe_reads(max_bad_fraction)
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> dict:
-        record = self._source[int(index)]
+    def describe(self, index: int) -> str:
+        return f"{self.name}/{self.split}[{index}]"
+
+    def _read(self, index: int) -> dict:
+        record = self._source[index]
         label = int(record["label"]) if self._has_label else 0
         return {"image": ensure_rgb_uint8(record["image"]), "label": label}
 

@@ -10,13 +10,27 @@ import numpy as np
 from PIL import Image
 
 
+MAX_ASPECT_RATIO = 32  # longer / shorter side kept by resize_shorter_side (see there)
+
+
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     """Resizes uint8 [H, W, 3] so that min(H, W) == size (PIL bicubic, keeps the aspect ratio).
 
     Pillow's resize filters with a kernel widened by the scale factor when shrinking, i.e. it is
     antialiased (like torchvision's ``Resize`` on PIL images). The longer side is rounded.
+    Images smaller than ``size`` are scaled up (a 5x3 image works). A sliver longer than
+    ``MAX_ASPECT_RATIO`` times its shorter side is first centre-cropped to that ratio: scaling a
+    1 x 100,000 image to a shorter side of 256 would otherwise allocate ~20 GB.
     """
     height, width = image.shape[:2]
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        keep = MAX_ASPECT_RATIO * min(height, width)
+        if height > width:
+            image = image[(height - keep) // 2:(height - keep) // 2 + keep]
+        else:
+            image = image[:, (width - keep) // 2:(width - keep) // 2 + keep]
+        image = np.ascontiguousarray(image)
+        height, width = image.shape[:2]
     if min(height, width) == size:
         return image
     if height <= width:
