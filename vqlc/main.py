@@ -1,11 +1,12 @@
 """Entry point: python -m vqlc.main --config=configs/<name>.py --workdir=<dir> [--config.x.y=v]
 
+Multi-process runs (several hosts, or N processes on one machine): see launch/ and
+vqlc/distributed.py; every process runs this same command.
 `config.task` picks the stage: codebook (features + k-means -> codebook.npy), tokenizer (train,
 then evaluate) or evaluate (a trained workdir).
 The config is locked: overriding a field that does not exist is an error, not a new field.
 """
 import logging
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -13,8 +14,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, outputs.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", os.environ.get("VQLC_DISTRIBUTED", "") == "1",
-    "Call jax.distributed.initialize() (multi-host); also VQLC_DISTRIBUTED=1.")
+    "distributed", None,
+    "Join JAX's multi-process runtime (jax.distributed.initialize). Unset: VQLC_DISTRIBUTED=1/0 "
+    "decides, else on when VQLC_COORDINATOR_ADDRESS is set or a multi-process SLURM step or "
+    "TPU VM slice is detected (see vqlc/distributed.py and launch/).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 TASKS = ("codebook", "tokenizer", "evaluate")
@@ -34,9 +37,9 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
+    from vqlc import distributed
+    distributed.initialize(_DISTRIBUTED.value)  # before any JAX computation, for every task
     import jax
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     config = _CONFIG.value
     if config.task not in TASKS:
         raise app.UsageError(f"config.task={config.task!r}; valid tasks: {', '.join(TASKS)}.")
