@@ -1,24 +1,50 @@
 """Orbax checkpoints of the train state and the data iterator, with automatic resume.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run
-killed during a save still has its previous checkpoint intact.
+killed during a save (kill -9, a lost node) still has its previous checkpoint intact; the
+half-written temporary directory it leaves is removed, and logged, when the next run starts.
 """
 import logging
 import os
+import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
+# Orbax's in-progress save directories: <step>.orbax-checkpoint-tmp[-<timestamp>].
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def make_manager(workdir: str, *, keep: int, save_interval: int = 1) -> ocp.CheckpointManager:
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    remove_unfinished_saves(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval, create=True,
         enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options, item_names=(STATE, DATA))
+    return ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA))
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Deletes the temporary directories of saves that never completed (a process killed
+    mid-save); returns their names. Orbax never restores from them, but each holds up to a
+    full checkpoint's bytes, and orbax itself removes one only when it saves that step again."""
+    if not os.path.isdir(directory):
+        return []
+    removed = sorted(n for n in os.listdir(directory) if _TMP_MARK in n)
+    if jax.process_index() == 0:
+        for name in removed:
+            logging.warning("Removing %s: an unfinished checkpoint save (the process was killed "
+                            "while writing it); resuming from the last complete one.",
+                            os.path.join(directory, name))
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    # Every process, whatever it listed (process 0 may already have deleted): nobody saves
+    # before process 0 has cleaned up.
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("vqlc_remove_unfinished_saves")
+    return removed
 
 
 def _has_grain_state(it) -> bool:
@@ -45,6 +71,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     if step is None:
         return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    check_matches(manager, step, target)
     items = {STATE: ocp.args.StandardRestore(target)}
     has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), DATA))
     if data_iterator is not None and _has_grain_state(data_iterator) and has_data:
@@ -64,3 +91,35 @@ def restore_state_only(checkpoint_dir: str, abstract_state, step: int | None = N
     restored = manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(target)}))
     return restored[STATE], step
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    """{'g_params/encoder/conv_in/kernel': shape} for a state pytree or orbax's metadata tree."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def check_matches(manager: ocp.CheckpointManager, step: int, target) -> None:
+    """Refuses, before any restore, a checkpoint whose arrays do not fit `target`: a workdir
+    holding a run of another model (which config.json would name, when it exists)."""
+    try:
+        path = manager.directory / str(step) / STATE
+        stored = _shapes_by_path(ocp.StandardCheckpointHandler().metadata(path).tree)
+    except Exception as e:  # unreadable metadata: let the restore itself report it
+        logging.warning("Could not read the metadata of checkpoint %d (%s).", step, e)
+        return
+    wanted = _shapes_by_path(target)
+    diffs = [f"{k}: checkpoint {stored.get(k, 'missing')} vs config {wanted.get(k, 'missing')}"
+             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    if diffs:
+        raise ValueError(
+            f"The checkpoint at step {step} in {str(manager.directory)!r} is of a different "
+            f"model than this config ({len(diffs)} arrays differ, e.g. "
+            f"{'; '.join(diffs[:3])}). Use a new --workdir, or the settings that run used.")

@@ -29,16 +29,53 @@ def load_codebook(path: str, codebook_size: int, feature_dim: int) -> np.ndarray
             f"Codebook file not found: {path!r}. Build one with the codebook task "
             "(python -m vqlc.main --config=configs/codebook_imagenet.py --workdir=<dir>) "
             "or point --config.codebook.path at an existing float32 [K, D] .npy file.")
-    codes = np.load(path, mmap_mode="r")
+    try:
+        codes = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # pickles, text, truncated files
+        raise ValueError(f"Codebook {path!r} is not a readable .npy array file ({e}); it must "
+                         "hold a float32 [K, D] array (numpy.save).") from e
+    if not isinstance(codes, np.ndarray):  # an .npz archive
+        raise ValueError(f"Codebook {path!r} is an .npz archive; it must be a single float32 "
+                         "[K, D] array saved with numpy.save.")
     if codes.shape != (codebook_size, feature_dim):
         raise ValueError(
             f"Codebook {path!r} has shape {codes.shape}, but the config asks for "
             f"quantizer.codebook_size={codebook_size} x codebook.feature_dim={feature_dim}. "
             "Fix the config or the file.")
+    if not np.issubdtype(codes.dtype, np.floating):  # token ids or labels, not centres
+        raise ValueError(f"Codebook {path!r} has dtype {codes.dtype}; k-means centres are "
+                         "floating point (float32).")
     codes = np.asarray(codes, np.float32)
-    if not np.all(np.isfinite(codes)):
-        raise ValueError(f"Codebook {path!r} contains NaN or Inf values.")
+    bad = ~np.isfinite(codes).all(axis=1)
+    if bad.any():
+        raise ValueError(f"Codebook {path!r} contains NaN or Inf values (in {int(bad.sum())} of "
+                         f"its {codebook_size} rows, first row {int(np.argmax(bad))}).")
     return codes
+
+
+def check_codebook(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Validates the frozen-codebook settings before any compute (and before anything is written
+    to `workdir`): the file the run would use exists and matches the config, and a resumed run is
+    not silently given a different codebook than the one it trained with."""
+    q, cb = config.quantizer, config.codebook
+    if q.kind != "lc":
+        return
+    target = os.path.join(workdir, WORKDIR_FILE)
+    if os.path.exists(target):
+        stored = load_codebook(target, q.codebook_size, cb.feature_dim)
+        if cb.path and not np.array_equal(
+                stored, load_codebook(cb.path, q.codebook_size, cb.feature_dim)):
+            raise ValueError(
+                f"codebook.path={cb.path!r} differs from the codebook this workdir's run was "
+                f"started with ({target}). Use a new --workdir for a new codebook, or drop "
+                "--config.codebook.path to resume with the stored one.")
+        return
+    if cb.path:
+        load_codebook(cb.path, q.codebook_size, cb.feature_dim)
+    elif cb.build and cb.build != "vgg16_kmeans":
+        raise ValueError(f"codebook.build={cb.build!r} is unknown; valid: '', 'vgg16_kmeans'.")
+    elif not cb.build:
+        load_codebook(cb.path, q.codebook_size, cb.feature_dim)  # raises the 'set a path' error
 
 
 def prepare_codebook(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:

@@ -19,6 +19,7 @@ construction and ``data.max_bad_fraction`` bounds the unreadable share (``BadDat
 from __future__ import annotations
 
 import math
+import signal
 
 import grain
 import numpy as np
@@ -77,7 +78,16 @@ def _maybe_multiprocess(ds: grain.IterDataset, num_workers: int) -> grain.IterDa
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                          worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """Workers outlive a SIGTERM sent to the whole process group (SLURM, Kubernetes), so the
+    main process, which catches it to save a checkpoint, still gets the batch it waits for;
+    they stop when the main process closes the iterator or exits."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _check_args(cfg, shard_index: int, shard_count: int):

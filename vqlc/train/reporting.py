@@ -23,6 +23,7 @@ class Reporter:
         if self.is_writer:
             from clu import metric_writers  # imports TensorFlow: only where it writes
             self._writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+            _drop_records_after(os.path.join(workdir, METRICS_FILE), start_step)
             self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
         self._bar = tqdm.tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
                               disable=not (progress_bar and self.is_writer), desc="train")
@@ -59,9 +60,39 @@ class Reporter:
             self._jsonl.close()
 
 
+def _parse(lines) -> list[dict]:
+    """JSON records, skipping a line cut short by a kill mid-write."""
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """A run resumed at `step` redoes the steps after it: their records from before a kill
+    (and a half-written last line) would be duplicates, so they go, atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        record = _parse([line])
+        if record and record[0].get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return _parse(line for line in f if line.strip())

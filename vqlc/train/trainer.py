@@ -38,6 +38,17 @@ class _StopRequested:
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
 
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether to stop after `step`. With several processes the signal reaches each at its
+        own time, but all must save (a collective) at the same step: they agree every `every`
+        steps (a host sync, so not every step) on whether any of them was signalled."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -52,7 +63,8 @@ def setup_model(config: ml_collections.ConfigDict, workdir: str, mesh, abstract:
     g_tx = optim.make_optimizer(config.optim, config.train.num_steps)
     d_tx = optim.make_optimizer(config.optim, config.train.num_steps)
     state, frozen = init_train_state(model, disc, g_tx, d_tx, image_size=config.data.image_size,
-                                     seed=config.seed, mesh=mesh, abstract=abstract)
+                                     seed=config.seed, mesh=mesh, abstract=abstract,
+                                     shard_params=config.mesh.get("shard_params", False))
     if config.quantizer.kind == "lc":
         codes = frozen_codebook.prepare_codebook(config, workdir)
         frozen = {"frozen": jax.tree.map(
@@ -67,10 +79,15 @@ def model_variables(state: TrainState, frozen: dict) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config_io.write_or_check(config, workdir)
+    # Bad settings fail here, before anything is compiled or written to the workdir.
+    config_io.check_compatible(config, workdir)
     mesh = parallel.make_mesh(config.mesh.data)
     parallel.check_batch_size(config.train.batch_size, mesh)
+    if config.eval.at_end:
+        parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    frozen_codebook.check_codebook(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    config_io.write_or_check(config, workdir)
     model, disc, g_tx, d_tx, state, frozen = setup_model(config, workdir, mesh)
     logging.info("process %d/%d, %d local / %d global devices; generator %.2fM params, "
                  "discriminator %.2fM params", jax.process_index(), jax.process_count(),
@@ -90,7 +107,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
     step_fn = make_train_step(model, disc, g_tx, d_tx, config.loss,
                               lambda p, x, y: lpips_lib.lpips(x, y, params=p))
-    train_step = jax.jit(step_fn, donate_argnums=(0,))
+    # The new state keeps the old one's placement (replicated, or FSDP-sharded parameters).
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(step_fn, donate_argnums=(0,),
+                         out_shardings=(state_sharding, parallel.replicated(mesh)))
     reconstruct = jax.jit(lambda variables, x: model.apply(variables, x, train=False)[0])
     # A fixed preview batch, read in-process: worker processes for one batch would outlive it.
     preview_data = ml_collections.ConfigDict(config.data.to_dict())
@@ -110,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             state, metrics = train_step(state, batch, frozen, lpips_params)
             nonfinite = nonfinite + (1.0 - metrics["finite"])
             step += 1
-            last = step == num_steps or stop.requested
+            stop_now = stop.agreed(step, config.train.log_every)
+            last = step == num_steps or stop_now
             save_now = last or step % config.train.checkpoint_every == 0
             if step % config.train.log_every == 0 or save_now:
                 _raise_if_nonfinite(nonfinite, step, metrics)
@@ -127,7 +148,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             if save_now:
                 checkpoint.save(manager, step, state, train_it, force=True)
             reporter.advance(step)
-            if stop.requested:
+            if stop_now:
+                logging.warning("Stopped at step %d of %d (SIGTERM); checkpoint saved in %s. "
+                                "Re-run the same command to resume.", step, num_steps,
+                                manager.directory)
                 break
     reporter.close()
     manager.close()
