@@ -27,20 +27,19 @@ def make_manager(workdir: str, *, keep: int, save_interval: int = 1) -> ocp.Chec
 
 
 def remove_unfinished_saves(directory: str) -> list[str]:
-    """Deletes the temporary directories of saves that never completed (a process killed
-    mid-save); returns their names. Orbax never restores from them, but each holds up to a
+    """Deletes (on process 0) the temporary directories of saves that never completed (a
+    process killed mid-save); returns their names there. Orbax never restores from them, but each holds up to a
     full checkpoint's bytes, and orbax itself removes one only when it saves that step again."""
-    if not os.path.isdir(directory):
-        return []
-    removed = sorted(n for n in os.listdir(directory) if _TMP_MARK in n)
-    if jax.process_index() == 0:
+    removed = []
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        removed = sorted(n for n in os.listdir(directory) if _TMP_MARK in n)
         for name in removed:
             logging.warning("Removing %s: an unfinished checkpoint save (the process was killed "
                             "while writing it); resuming from the last complete one.",
                             os.path.join(directory, name))
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    # Every process, whatever it listed (process 0 may already have deleted): nobody saves
-    # before process 0 has cleaned up.
+    # Every process, unconditionally (what the others see of the directory can differ while
+    # process 0 creates or cleans it): nobody saves before process 0 has cleaned up.
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("vqlc_remove_unfinished_saves")
