@@ -233,6 +233,31 @@ def test_plan_detects_tpu_slices_with_several_workers():
     assert "4 workers" in distributed.plan(None, two_slices)["reason"]
 
 
+def test_tpu_vm_detection_reads_sysfs_and_the_metadata_server(tmp_path, monkeypatch):
+    for name, vendor in (("0000:00:04.0", "0x1af4"), ("0000:00:05.0", "0x1ae0")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor + "\n")
+    assert distributed.on_tpu_vm(str(tmp_path))
+    (tmp_path / "0000:00:05.0" / "vendor").write_text("0x10de\n")  # a GPU, not a TPU
+    assert not distributed.on_tpu_vm(str(tmp_path))
+    assert not distributed.on_tpu_vm(str(tmp_path / "missing"))
+    monkeypatch.setattr(distributed, "on_tpu_vm", lambda: True)
+    monkeypatch.setattr(distributed, "gce_metadata",
+                        lambda key: "a:b:10.0.0.1,a:b:10.0.0.2" if "endpoints" in key else None)
+    assert "2 workers" in distributed.plan(None, {})["reason"]
+    monkeypatch.setattr(distributed, "gce_metadata", lambda key: None)  # no metadata server
+    assert distributed.plan(None, {}) is None
+
+
+def test_no_private_jax_imports():
+    """JAX's private modules (jax._src) change without notice between releases."""
+    for root, _, files in os.walk(os.path.join(REPO, "vqlc")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(root, name)) as f:
+                    assert "jax._src" not in f.read(), os.path.join(root, name)
+
+
 def _fake_python(tmp_path, body: str) -> dict:
     """An environment whose $PYTHON runs `body` (bash) for `-m vqlc.main` and the real
     interpreter otherwise (local.sh's free-port query)."""

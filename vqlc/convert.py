@@ -25,11 +25,14 @@ the checkpoint, whose own copy then wins); --codebook also takes a .npy file.
 """
 import logging
 import os
+import sys
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from vqlc import atomic_io, torch_files
+from absl import flags
+
+from vqlc import atomic_io, cli, torch_files
 from vqlc.models import taming_names
 
 # Release state_dict key prefix -> (part, Flax path inside that part). Parts: "generator" (the
@@ -288,37 +291,34 @@ def _check_like(state, expected) -> None:
         raise AssertionError("converted state differs from training's: " + "; ".join(bad))
 
 
-def _define_flags():
-    # Defined only when run as a program, so importing this module never clashes with
-    # vqlc.main's --config flag.
-    from absl import flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "Python config file (e.g. "
-                                    "configs/imagenet_lc.py) matching the checkpoint.",
-                                    lock_config=True)
-    flags.DEFINE_string("src", None, "The release's .pth checkpoint.")
-    flags.DEFINE_string("dst", None, "New vqlc workdir to write.")
-    flags.DEFINE_string("codebook", None, "Optional codebook-100K.pth or .npy [K, D]; needed "
-                        "when the checkpoint lacks tok_embeddings.weight.")
-    flags.DEFINE_integer("step", -1, "Checkpoint step to write; -1 = config.train.num_steps.")
-    flags.mark_flags_as_required(["config", "src", "dst"])
+PROG = "vqlc.convert"
+FLAGS = cli.new_flags()
+_CONFIG = cli.define_config(FLAGS, "Python config file (e.g. configs/imagenet_lc.py) matching "
+                                   "the checkpoint.")
+_SRC = flags.DEFINE_string("src", None, "The release's .pth checkpoint.", flag_values=FLAGS)
+_DST = flags.DEFINE_string("dst", None, "New vqlc workdir to write.", flag_values=FLAGS)
+_CODEBOOK = flags.DEFINE_string(
+    "codebook", None, "Optional codebook-100K.pth or .npy [K, D]; needed when the checkpoint "
+    "lacks tok_embeddings.weight.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to write; -1 = config.train.num_steps.",
+                             flag_values=FLAGS)
+flags.mark_flags_as_required(["src", "dst"], flag_values=FLAGS)
 
 
-def main(argv):
-    from absl import app, flags
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    f = flags.FLAGS
-    try:
-        step = convert(f.config, f.src, f.dst, codebook_path=f.codebook, step=f.step)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # TorchFileError included
-        raise SystemExit(f"vqlc.convert: {e}") from None  # the message, not a traceback
-    print(f"wrote {os.path.abspath(f.dst)} (step {step}); load it with "
-          f"vqlc.Tokenizer.load({f.dst!r})")
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    positional = cli.parse(FLAGS, argv, PROG, __doc__)
+    if positional:
+        cli.usage_error(PROG, f"unexpected arguments: {positional}")
+    cli.setup_logging()
+
+    def _convert():
+        step = convert(_CONFIG.value, _SRC.value, _DST.value, codebook_path=_CODEBOOK.value,
+                       step=_STEP.value)
+        print(f"wrote {os.path.abspath(_DST.value)} (step {step}); load it with "
+              f"vqlc.Tokenizer.load({_DST.value!r})")
+    return cli.main_wrapper(PROG, _convert)()  # TorchFileError is a ValueError
 
 
 if __name__ == "__main__":
-    from absl import app
-    _define_flags()
-    app.run(main)
+    sys.exit(main())

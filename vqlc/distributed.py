@@ -80,17 +80,40 @@ def tpu_processes(environ=os.environ) -> int:
         return len([h for h in hosts.split(",") if h.strip()]) * slices
     if slices > 1:
         return slices
-    try:  # a TPU VM created with gcloud: the worker list lives in the GCE metadata server
-        from jax._src import cloud_tpu_init
-        if not cloud_tpu_init.running_in_cloud_tpu_vm:
-            return 0
-        from jax._src.clusters import cloud_tpu_cluster
-        if not cloud_tpu_cluster.GceTpuCluster.is_env_present():
-            return 0
-        return cloud_tpu_cluster.GceTpuCluster.get_process_count()
-    except Exception as e:  # no metadata server, or JAX moved its internals: not detected
-        logging.debug("TPU VM worker detection failed: %r", e)
+    if not on_tpu_vm():
         return 0
+    # A TPU VM created with gcloud: the worker list lives in the GCE metadata server.
+    endpoints = gce_metadata("instance/attributes/worker-network-endpoints")
+    return len([e for e in (endpoints or "").split(",") if e.strip()])
+
+
+# PCI vendor id of Google's TPU chips, as the kernel lists devices in sysfs.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/"
+
+
+def on_tpu_vm(pci_root: str = "/sys/bus/pci/devices") -> bool:
+    """Whether a TPU chip is attached (read from sysfs: no JAX internals, no network)."""
+    try:
+        for device in os.listdir(pci_root):
+            with open(os.path.join(pci_root, device, "vendor")) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def gce_metadata(key: str, timeout_s: float = 5.0) -> str | None:
+    """A value of the GCE metadata server, or None when unreachable (not on GCE)."""
+    import urllib.request
+    request = urllib.request.Request(_METADATA_URL + key, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.read().decode()
+    except Exception as e:  # no metadata server: not detected
+        logging.debug("GCE metadata %s unavailable: %r", key, e)
+        return None
 
 
 def plan(flag: bool | None = None, environ=os.environ) -> dict | None:

@@ -13,10 +13,25 @@ tsne: t-SNE of each run's codebook in the quantizer's latent space, active codes
 Labels default to the quantizer kind and K from each workdir's config.json; --label overrides
 (once per --workdir, in order).
 """
-import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
+
+from absl import flags
+
+from vqlc import cli
+
+PROG = "vqlc.figures"
+FIGURES = ("utilization", "token_replacement", "tsne")
+# Flags that only some figures read; any other figure refuses them.
+_ONLY_FOR = {"n": ("token_replacement",), "max_images": ("token_replacement",),
+             "batch_size": ("token_replacement",), "json": ("token_replacement",),
+             "max_codes": ("tsne",), "compute_usage": ("tsne",), "seed": ("tsne",)}
+
+
+def _error(message: str):
+    cli.usage_error(PROG, message)
 
 
 def _parse_ns(text: str) -> list[int]:
@@ -24,68 +39,74 @@ def _parse_ns(text: str) -> list[int]:
     try:
         ns = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--n must be comma-separated integers such as 1,2,5,10; got {text!r}") from None
+        _error(f"--n must be comma-separated integers such as 1,2,5,10; got {text!r}")
     if not ns or ns[0] < 1 or ns[-1] > MAX_RANK:
-        raise argparse.ArgumentTypeError(
-            f"--n values must lie in [1, {MAX_RANK}]; got {text!r}")
+        _error(f"--n values must lie in [1, {MAX_RANK}]; got {text!r}")
     return ns
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vqlc.figures", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="figure", required=True)
-
-    def common(p, out):
-        p.add_argument("--workdir", action="append", required=True,
-                       help="a training workdir; repeat for several runs")
-        p.add_argument("--label", action="append",
-                       help="legend label per --workdir (default: quantizer kind and K)")
-        p.add_argument("--out", default=out, help="PNG to write")
-        p.add_argument("--title", default="", help="figure title")
-
-    p = sub.add_parser("utilization", help="codebook utilisation over training")
-    common(p, "utilization.png")
-
-    p = sub.add_parser("token_replacement", help="PSNR when tokens are replaced by their n-th "
-                                                 "nearest code")
-    common(p, "token_replacement.png")
-    p.add_argument("--n", type=_parse_ns, default=_parse_ns("1,2,5,10,50"),
-                   help="comma-separated ranks (default 1,2,5,10,50); ranks above a run's K "
-                        "are skipped for that run")
-    p.add_argument("--max-images", type=int, default=256,
-                   help="evaluation images to use (0: the whole split, held in memory)")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="images per encode/decode call (default: the run's eval.batch_size)")
-    p.add_argument("--json", default="", help="also write the numbers here")
-
-    p = sub.add_parser("tsne", help="t-SNE of active and inactive codes")
-    common(p, "tsne.png")
-    p.add_argument("--max-codes", type=int, default=5000,
-                   help="codes shown per run; larger codebooks are subsampled evenly, keeping "
-                        "the active/inactive ratio")
-    p.add_argument("--compute-usage", action="store_true",
-                   help="count code usage over the evaluation split here instead of reading "
-                        "<workdir>/eval/code_counts.npy")
-    p.add_argument("--seed", type=int, default=0, help="t-SNE random seed")
-    return parser
+def _define_flags() -> flags.FlagValues:
+    """A fresh set per call: repeated flags (--workdir) accumulate across parses otherwise."""
+    fv = cli.new_flags()
+    flags.DEFINE_multi_string("workdir", None, "a training workdir; repeat for several runs",
+                              flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.DEFINE_multi_string("label", None, "legend label per --workdir (default: quantizer "
+                              "kind and K)", flag_values=fv)
+    flags.DEFINE_string("out", "", "PNG to write (default: <figure>.png)", flag_values=fv)
+    flags.DEFINE_string("title", "", "figure title", flag_values=fv)
+    flags.DEFINE_string("n", "1,2,5,10,50", "token_replacement: comma-separated ranks; ranks "
+                        "above a run's K are skipped for that run", flag_values=fv)
+    flags.DEFINE_integer("max_images", 256, "token_replacement: evaluation images to use (0: "
+                         "the whole split, held in memory)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 0, "token_replacement: images per encode/decode call "
+                         "(default: the run's eval.batch_size)", flag_values=fv)
+    flags.DEFINE_string("json", "", "token_replacement: also write the numbers here",
+                        flag_values=fv)
+    flags.DEFINE_integer("max_codes", 5000, "tsne: codes shown per run; larger codebooks are "
+                         "subsampled evenly, keeping the active/inactive ratio", flag_values=fv)
+    flags.DEFINE_bool("compute_usage", False, "tsne: count code usage over the evaluation "
+                      "split here instead of reading <workdir>/eval/code_counts.npy",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "tsne: t-SNE random seed", flag_values=fv)
+    return fv
 
 
-def _labels(parser, args) -> list[str]:
+def _underscored(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+def _parse(argv) -> SimpleNamespace:
+    # Dashes are accepted too (--max-images), as the argparse version took them.
+    argv = [_underscored(a) for a in argv]
+    fv = _define_flags()
+    figure = cli.parse_subcommand(cli.parse(fv, argv, PROG, __doc__), FIGURES, PROG)
+    for name, figures in _ONLY_FOR.items():
+        if fv[name].present and figure not in figures:
+            _error(f"--{name} applies to {' and '.join(figures)}, not {figure}.")
+    args = SimpleNamespace(figure=figure, **{name: fv[name].value for name in fv})
+    args.out = args.out or f"{figure}.png"
+    args.n = _parse_ns(args.n)
+    return args
+
+
+def _labels(args) -> list[str]:
     from vqlc.eval import analysis
     for w in args.workdir:
         try:
             analysis.check_workdir(w)
         except FileNotFoundError as e:
-            parser.error(str(e))
+            _error(str(e))
     if args.label and len(args.label) != len(args.workdir):
-        parser.error(f"got {len(args.label)} --label for {len(args.workdir)} --workdir; give "
+        _error(f"got {len(args.label)} --label for {len(args.workdir)} --workdir; give "
                      f"one per workdir or none.")
     return args.label or [analysis.run_label(w) for w in args.workdir]
 
 
-def _utilization(parser, args, labels) -> None:
+def _utilization(args, labels) -> None:
     from vqlc.eval import analysis
     from vqlc.train import reporting
     curves = []
@@ -93,7 +114,7 @@ def _utilization(parser, args, labels) -> None:
         try:
             steps, util = analysis.load_utilization(w)
         except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
+            _error(str(e))
         curves.append((label, reporting.read_metrics(w)))
         print(f"{label:<24} {len(steps):5d} points, steps {steps[0]}-{steps[-1]}, utilisation "
               f"first {100 * util[0]:.1f}%, last {100 * util[-1]:.1f}%, "
@@ -101,7 +122,7 @@ def _utilization(parser, args, labels) -> None:
     analysis.plot_utilization_runs(curves, args.out, title=args.title)
 
 
-def _token_replacement(parser, args, labels) -> None:
+def _token_replacement(args, labels) -> None:
     from vqlc import Tokenizer
     from vqlc.eval import analysis
     results, table = [], {}
@@ -112,7 +133,7 @@ def _token_replacement(parser, args, labels) -> None:
             print(f"note: {label}: skipping n > K = {tok.codebook_size}: "
                   f"{[n for n in args.n if n > tok.codebook_size]}", file=sys.stderr)
         if not ns:
-            parser.error(f"no --n value within {label}'s codebook size {tok.codebook_size}")
+            _error(f"no --n value within {label}'s codebook size {tok.codebook_size}")
         images = analysis.eval_images(tok.config, args.max_images, args.batch_size or None)
         r = analysis.token_replacement(tok, images, ns, batch_size=args.batch_size or None)
         results.append((label, r))
@@ -133,11 +154,11 @@ def _token_replacement(parser, args, labels) -> None:
         print(f"wrote {args.json}")
 
 
-def _tsne(parser, args, labels) -> None:
+def _tsne(args, labels) -> None:
     from vqlc import Tokenizer
     from vqlc.eval import analysis
     if args.max_codes < 3:
-        parser.error(f"--max-codes must be at least 3; got {args.max_codes}")
+        _error(f"--max-codes must be at least 3; got {args.max_codes}")
     panels = []
     for w, label in zip(args.workdir, labels):
         tok = Tokenizer.load(w)
@@ -147,7 +168,7 @@ def _tsne(parser, args, labels) -> None:
             try:
                 counts = analysis.load_code_counts(w)
             except FileNotFoundError as e:
-                parser.error(str(e))
+                _error(str(e))
         r = analysis.codebook_tsne(tok, counts, max_codes=args.max_codes, seed=args.seed)
         panels.append((label, r))
         print(f"{label:<24} active {r['num_active']:7d}  inactive {r['num_inactive']:7d}  "
@@ -156,11 +177,10 @@ def _tsne(parser, args, labels) -> None:
 
 
 def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    labels = _labels(parser, args)
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    labels = _labels(args)
     {"utilization": _utilization, "token_replacement": _token_replacement,
-     "tsne": _tsne}[args.figure](parser, args, labels)
+     "tsne": _tsne}[args.figure](args, labels)
     print(f"wrote {args.out}")
     return 0
 

@@ -286,3 +286,8 @@ def build_codebook(config, workdir: str) -> dict:
                      info["codebook_file"], codes.shape[0], codes.shape[1], info["mode"],
                      info["inertia"], info["wall_time_s"])
     return info
+
+
+def run(config, workdir: str) -> dict:
+    """vqlc.main's `codebook` task."""
+    return build_codebook(config, workdir)

@@ -13,3 +13,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, step = checkpoint.restore_state_only(f"{workdir}/checkpoints", state)
     return evaluator.evaluate(config, workdir, model=model, variables=model_variables(state, frozen),
                               mesh=mesh, step=step)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """vqlc.main's `evaluate` task."""
+    return evaluate_workdir(config, workdir)

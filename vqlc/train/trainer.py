@@ -182,3 +182,8 @@ def _write_preview(reporter, workdir: str, step: int, x_rec, preview) -> None:
                                     image_io.to_uint8(x_rec))
     image_io.save_png(os.path.join(workdir, "images", f"step_{step:08d}.png"), grid)
     reporter.write_images(step, {"reconstructions": grid[None]})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """vqlc.main's `tokenizer` task: the evaluation metrics (None when stopped early)."""
+    return train_and_evaluate(config, workdir)[1]
