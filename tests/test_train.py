@@ -172,7 +172,7 @@ def test_config_typo_is_an_error(tmp_path):
 
 
 def test_evaluate_task_reproduces_end_of_training_metrics(trained):
-    from vqlc.eval.run import evaluate_workdir
+    from vqlc.eval.run import run as evaluate_workdir
     workdir, config, _, results = trained
     eval_config = tiny_config(**TRAINED)
     eval_config.task = "evaluate"
@@ -183,7 +183,7 @@ def test_evaluate_task_reproduces_end_of_training_metrics(trained):
 
 
 def test_rfid_without_weights_fails_before_any_compute(trained, tmp_path):
-    from vqlc.eval.run import evaluate_workdir
+    from vqlc.eval.run import run as evaluate_workdir
     workdir = shutil.copytree(trained[0], str(tmp_path / "run"))
     shutil.rmtree(os.path.join(workdir, "eval"))  # the training run's own evaluation
     config = tiny_config(**TRAINED, **{"eval.rfid": True,
@@ -195,7 +195,7 @@ def test_rfid_without_weights_fails_before_any_compute(trained, tmp_path):
 
 @pytest.mark.slow
 def test_rfid_is_reported_and_its_reference_statistics_reused(trained, tmp_path):
-    from vqlc.eval.run import evaluate_workdir
+    from vqlc.eval.run import run as evaluate_workdir
     from vqlc.models import inception
     weights = [p for p in inception.default_weight_paths() if os.path.exists(p)]
     if not weights:

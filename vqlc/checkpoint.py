@@ -122,3 +122,41 @@ def check_matches(manager: ocp.CheckpointManager, step: int, target) -> None:
             f"The checkpoint at step {step} in {str(manager.directory)!r} is of a different "
             f"model than this config ({len(diffs)} arrays differ, e.g. "
             f"{'; '.join(diffs[:3])}). Use a new --workdir, or the settings that run used.")
+
+
+def completed_steps(checkpoint_dir: str) -> list[int]:
+    """Steps with a complete save in `checkpoint_dir` (orbax renames a save's directory to its
+    bare step number only when it is complete), oldest first; reads only."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(checkpoint_dir)
+                  if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n, STATE)))
+
+
+def restore_subtrees(checkpoint_dir: str, targets: dict, step: int | None = None):
+    """Reads only the named fields of a saved train state (e.g. {'g_params': ..., 'ema': ...}
+    for inference: no optimiser, no discriminator), into `targets`' shapes and shardings.
+
+    Returns (restored dict, step). Writes nothing: a workdir that another process is training
+    in can be read. A field whose arrays differ in shape from `targets` is refused."""
+    steps = completed_steps(checkpoint_dir)
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint found in {checkpoint_dir!r}.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir!r}; it holds "
+                                f"steps {steps}.")
+    path = os.path.join(checkpoint_dir, str(step), STATE)
+    checkpointer = ocp.PyTreeCheckpointer()
+    stored = _shapes_by_path(checkpointer.metadata(path).item_metadata.tree)
+    wanted = _shapes_by_path(targets)
+    diffs = [f"{k}: checkpoint {stored.get(k, 'missing')} vs config {v}"
+             for k, v in sorted(wanted.items()) if stored.get(k) != v]
+    if diffs:
+        raise ValueError(f"The checkpoint at step {step} in {checkpoint_dir!r} does not fit this "
+                         f"config ({len(diffs)} arrays differ, e.g. {'; '.join(diffs[:3])}).")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, targets)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    return {k: restored[k] for k in targets}, step

@@ -21,6 +21,11 @@ def _normalise(value):
                                  default=list))
 
 
+def identity(config: ml_collections.ConfigDict) -> dict:
+    """The fields that define what a run's checkpoints compute, as plain JSON values."""
+    return {k: _normalise(_get(config, k)) for k in _IDENTITY}
+
+
 def load(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -34,8 +39,8 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
-    old = load(workdir)
-    diffs = [k for k in _IDENTITY if _normalise(_get(old, k)) != _normalise(_get(config, k))]
+    old, new = identity(load(workdir)), identity(config)
+    diffs = [k for k in _IDENTITY if old[k] != new[k]]
     if diffs:
         raise ValueError(
             f"{workdir!r} holds a run with a different config ({', '.join(diffs)} differ "

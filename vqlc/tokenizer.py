@@ -1,12 +1,17 @@
 """Tokens from images and back: the API for people who just want a tokenizer.
 
     from vqlc import Tokenizer
-    tok = Tokenizer.load("runs/demo")
+    tok = Tokenizer.load("runs/demo")         # read-only; mesh=parallel.make_mesh() for all devices
     codes = tok.encode(images_uint8)          # int32 [B, h, w]
     images = tok.decode(codes)                # uint8 [B, H, W, 3]
     z = tok.encode_latents(images_uint8)      # float32 [B, h, w, dim], before quantisation
     images = tok.decode_latents(z)            # snap each latent to its nearest code, decode
+
+Inside another model's jitted step (a generator training on tokens or latents), use the pure
+functions instead: `encode_fn(model)(variables, x)` etc., on jax.Arrays with images in [-1, 1].
 """
+import hashlib
+import json
 import os
 
 import jax
@@ -14,85 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlc import checkpoint, config_io, parallel
+from vqlc.codebook import frozen as frozen_codebook
+from vqlc.data.transforms import to_float
 from vqlc.eval.images import to_uint8
-
-
-class Tokenizer:
-
-    def __init__(self, config, model, variables, step: int | None = None):
-        self.config = config
-        self.model = model
-        self.variables = variables
-        self.step = step
-        m = model
-        self._encode = jax.jit(lambda v, x: m.apply(v, x, method=_encode_indices))
-        self._encode_latents = jax.jit(lambda v, x: m.apply(v, x, method=type(m).encode))
-        self._decode = jax.jit(lambda v, c: m.apply(v, c, method=type(m).decode_code))
-        self._decode_latents = jax.jit(lambda v, z: m.apply(v, z, method=_snap_and_decode))
-
-    @classmethod
-    def load(cls, workdir: str, step: int | None = None) -> "Tokenizer":
-        """Loads the newest checkpoint (or `step`) of a training workdir, on one device."""
-        from vqlc.train.trainer import model_variables, setup_model
-        config = config_io.load(workdir)
-        with config.unlocked():
-            config.mesh.data = 1
-        mesh = parallel.make_mesh(1)
-        # A freshly initialised state gives the structure, shapes and shardings to restore into.
-        model, _, _, _, template, frozen = setup_model(config, workdir, mesh, abstract=True)
-        state, step = checkpoint.restore_state_only(
-            os.path.join(os.path.abspath(workdir), "checkpoints"), template, step)
-        return cls(config, model, model_variables(state, frozen), step)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.data.image_size
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.quantizer.codebook_size
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.config.model.ch_mult) - 1)
-
-    def _images(self, images) -> jax.Array:
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
-        f = self.downsample_factor
-        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % f or images.shape[2] % f:
-            raise ValueError(f"Expected uint8 images [B, H, W, 3] with H and W multiples of {f}; "
-                             f"got shape {images.shape}.")
-        if images.dtype != np.uint8:
-            raise ValueError(f"Expected uint8 images (0..255); got dtype {images.dtype}.")
-        return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-
-    def encode(self, images) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> int32 code ids [B, H/f, W/f]."""
-        return np.asarray(self._encode(self.variables, self._images(images)))
-
-    def encode_latents(self, images) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> continuous pre-quantisation latents [B, H/f, W/f, dim]."""
-        return np.asarray(self._encode_latents(self.variables, self._images(images)))
-
-    def decode(self, codes) -> np.ndarray:
-        """int32 code ids [B, h, w] -> uint8 images [B, h*f, w*f, 3]."""
-        codes = np.asarray(codes)
-        if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"Expected integer codes [B, h, w]; got {codes.dtype} {codes.shape}.")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"Code ids must lie in [0, {self.codebook_size}); got "
-                             f"[{codes.min()}, {codes.max()}].")
-        return to_uint8(self._decode(self.variables, jnp.asarray(codes, jnp.int32)))
-
-    def decode_latents(self, z) -> np.ndarray:
-        """Latents [B, h, w, dim] -> nearest codes -> uint8 images."""
-        z = jnp.asarray(z, jnp.float32)
-        if z.ndim != 4 or z.shape[-1] != self.config.quantizer.dim:
-            raise ValueError(f"Expected latents [B, h, w, {self.config.quantizer.dim}]; "
-                             f"got {z.shape}.")
-        return to_uint8(self._decode_latents(self.variables, z))
+from vqlc.models import build
 
 
 def _encode_indices(model, x):
@@ -104,3 +34,160 @@ def _snap_and_decode(model, z):
     # and decode_latents must give exactly the images decode() gives for the same tokens.
     return model.decode_code(model.quantizer(z, train=False).indices)
 
+
+def encode_fn(model):
+    """(variables, images [B, H, W, 3] in [-1, 1]) -> int32 codes [B, h, w]."""
+    return lambda variables, x: model.apply(variables, x, method=_encode_indices)
+
+
+def encode_latents_fn(model):
+    """(variables, images in [-1, 1]) -> pre-quantisation latents [B, h, w, dim]."""
+    return lambda variables, x: model.apply(variables, x, method=type(model).encode)
+
+
+def decode_fn(model):
+    """(variables, int32 codes [B, h, w]) -> images [B, H, W, 3] in about [-1, 1]."""
+    return lambda variables, codes: model.apply(variables, codes, method=type(model).decode_code)
+
+
+def decode_latents_fn(model):
+    """(variables, latents [B, h, w, dim]) -> the images of their nearest codes."""
+    return lambda variables, z: model.apply(variables, z, method=_snap_and_decode)
+
+
+def config_hash(config) -> str:
+    """A short hash of the fields that define what a tokenizer computes (config_io's identity
+    fields), for datasets and samples to record which tokenizer made them."""
+    return hashlib.sha256(json.dumps(config_io.identity(config), sort_keys=True)
+                          .encode()).hexdigest()[:16]
+
+
+def inference_variables(config, workdir: str, mesh, step: int | None = None):
+    """(model, variables, step): the generator's parameters, EMA codebook statistics and frozen
+    LC codebook of a training workdir, replicated on `mesh`. Reads only: no optimiser or
+    discriminator is built, nothing is written, and a missing codebook is an error (never
+    rebuilt here)."""
+    model = build.tokenizer_from_config(config)
+    size = config.data.image_size
+    shapes = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+        jnp.zeros((1, size, size, 3), jnp.float32), train=False))
+    shapes = dict(shapes)
+    shapes.pop("intermediates", None)
+    replicated = parallel.replicated(mesh)
+    targets = {"g_params": shapes.pop("params")}
+    if shapes.get("ema"):
+        targets["ema"] = shapes.pop("ema")
+    shapes.pop("ema", None)
+    targets = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                           targets)
+    restored, step = checkpoint.restore_subtrees(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), targets, step)
+    variables = {"params": restored["g_params"], **({"ema": restored["ema"]}
+                                                    if "ema" in restored else {})}
+    if shapes:  # the LC quantizer's frozen codebook, kept once in the workdir
+        path = os.path.join(workdir, frozen_codebook.WORKDIR_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path!r} not found: an LC tokenizer's frozen codebook is stored there by the "
+                "run that trained it. Copy the codebook.npy the run used into the workdir.")
+        codes = frozen_codebook.load_codebook(path, config.quantizer.codebook_size,
+                                              config.codebook.feature_dim)
+        codes = jax.device_put(codes, replicated)
+        variables.update(jax.tree.map(lambda _: codes, shapes))
+    return model, variables, step
+
+
+class Tokenizer:
+
+    def __init__(self, config, model, variables, step: int | None = None, *, mesh=None,
+                 workdir: str | None = None):
+        self.config = config
+        self.model = model
+        self.variables = variables
+        self.step = step
+        self.workdir = None if workdir is None else os.path.abspath(workdir)
+        self.mesh = parallel.make_mesh(1) if mesh is None else mesh
+        out = parallel.batch_sharded(self.mesh)
+        self._encode = jax.jit(encode_fn(model), out_shardings=out)
+        self._encode_latents = jax.jit(encode_latents_fn(model), out_shardings=out)
+        self._decode = jax.jit(decode_fn(model), out_shardings=out)
+        self._decode_latents = jax.jit(decode_latents_fn(model), out_shardings=out)
+
+    @classmethod
+    def load(cls, workdir: str, step: int | None = None, *, mesh=None) -> "Tokenizer":
+        """The newest checkpoint (or `step`) of a training workdir, read-only. With `mesh`
+        (e.g. parallel.make_mesh() for every device) each call splits its batch over the mesh;
+        with several processes, every process calls with its own images (the same count on
+        each) and gets its own results back."""
+        config = config_io.load(workdir)
+        mesh = parallel.make_mesh(1) if mesh is None else mesh
+        model, variables, step = inference_variables(config, workdir, mesh, step)
+        return cls(config, model, variables, step, mesh=mesh, workdir=workdir)
+
+    def identity(self) -> dict:
+        """Which tokenizer this is: recorded next to datasets and samples made with it."""
+        return {"workdir": self.workdir, "step": self.step, "config_hash": config_hash(self.config)}
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.quantizer.dim
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.model.ch_mult) - 1)
+
+    def _run(self, fn, x: np.ndarray) -> np.ndarray:
+        """`fn` over this process's rows `x`, padded to fill every local device, on the mesh."""
+        n = len(x)
+        per_call = self.mesh.shape[parallel.DATA_AXIS] // jax.process_count()
+        pad = -n % max(per_call, 1)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        out = fn(self.variables, parallel.global_batch(x, self.mesh))
+        return parallel.local_rows(out)[:n]
+
+    def _images(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        f = self.downsample_factor
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % f or images.shape[2] % f:
+            raise ValueError(f"Expected uint8 images [B, H, W, 3] with H and W multiples of {f}; "
+                             f"got shape {images.shape}.")
+        if images.dtype != np.uint8:
+            raise ValueError(f"Expected uint8 images (0..255); got dtype {images.dtype}.")
+        return to_float(images)
+
+    def encode(self, images) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> int32 code ids [B, H/f, W/f]."""
+        return self._run(self._encode, self._images(images))
+
+    def encode_latents(self, images) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> continuous pre-quantisation latents [B, H/f, W/f, dim]."""
+        return self._run(self._encode_latents, self._images(images))
+
+    def decode(self, codes) -> np.ndarray:
+        """int32 code ids [B, h, w] -> uint8 images [B, h*f, w*f, 3]."""
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"Expected integer codes [B, h, w]; got {codes.dtype} {codes.shape}.")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"Code ids must lie in [0, {self.codebook_size}); got "
+                             f"[{codes.min()}, {codes.max()}].")
+        return to_uint8(self._run(self._decode, codes.astype(np.int32)))
+
+    def decode_latents(self, z) -> np.ndarray:
+        """Latents [B, h, w, dim] -> nearest codes -> uint8 images."""
+        z = np.asarray(z, np.float32)
+        if z.ndim != 4 or z.shape[-1] != self.latent_dim:
+            raise ValueError(f"Expected latents [B, h, w, {self.latent_dim}]; got {z.shape}.")
+        return to_uint8(self._run(self._decode_latents, z))

@@ -1,0 +1,35 @@
+"""A tiny tokenizer workdir for tests of what consumes one: randomly initialised weights (a
+trained tokenizer is not needed to check plumbing), a fixed random LC codebook, config.json and
+one orbax checkpoint, in exactly the layout a training run leaves."""
+import os
+
+import numpy as np
+
+from configs import default as default_config
+from vqlc import checkpoint, config_io, parallel
+
+STEP = 3
+
+
+def tiny_config(**overrides):
+    c = default_config.get_config("tiny")
+    c.update_from_flattened_dict({"codebook.build": "", **overrides})
+    return c
+
+
+def make_workdir(path: str, **overrides) -> str:
+    """Writes a tokenizer workdir at `path` (made if missing) and returns it."""
+    from vqlc.train import trainer
+    os.makedirs(path, exist_ok=True)
+    config = tiny_config(**overrides)
+    if config.quantizer.kind == "lc":
+        codes = np.random.default_rng(0).normal(
+            size=(config.quantizer.codebook_size, config.codebook.feature_dim)).astype(np.float32)
+        config.codebook.path = os.path.join(path, "source_codebook.npy")
+        np.save(config.codebook.path, codes)
+    config_io.write_or_check(config, path)
+    *_, state, _ = trainer.setup_model(config, path, parallel.make_mesh(1))
+    manager = checkpoint.make_manager(path, keep=1)
+    checkpoint.save(manager, STEP, state.replace(step=state.step + STEP), force=True)
+    manager.close()
+    return path
