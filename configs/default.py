@@ -17,6 +17,7 @@ Variants: `:eval` evaluates a trained workdir; `:tiny` is a seconds-long smoke c
 used by the tests.
 """
 from vqlc import config_base
+from vqlc.codebook import recipes
 
 
 def get_config(arg: str = ""):
@@ -32,11 +33,9 @@ def get_config(arg: str = ""):
     c.quantizer.codebook_size = 512
     c.quantizer.dim = 8
 
-    c.codebook.build = "vgg16_kmeans"
+    c.codebook.build = "task"
+    c.codebook.task = recipes.vgg16_demo()
     c.codebook.feature_dim = 256  # VGG16 relu3_3: stride 4, one feature per f4 token
-    c.codebook.build_layer = "relu3_3"
-    c.codebook.build_images = 1024
-    c.codebook.kmeans_iters = 30
 
     # LPIPS-VGG16 costs ~10x the small model's own step on a CPU: the demo trains on
     # L1 + rate_q * qloss and reports LPIPS at evaluation. No GAN at demo scale either.
@@ -73,8 +72,7 @@ def _tiny(c):
     c.model.z_channels = 32
     c.quantizer.codebook_size = 32
     c.loss.perceptual_weight = 1.0  # the tests cover the full loss
-    c.codebook.build_images = 64
-    c.codebook.kmeans_iters = 5
+    c.codebook.task = recipes.vgg16_demo(tiny=True)
     c.train.num_steps = 6
     c.train.batch_size = 8
     c.train.checkpoint_every = 3

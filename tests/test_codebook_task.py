@@ -170,7 +170,7 @@ def test_configs_load_with_their_documented_settings():
 
 
 def test_demo_cli_matches_the_tokenizers_built_in_codebook(tmp_path):
-    """configs/codebook_demo.py:tiny through the CLI == codebook.build='vgg16_kmeans' of
+    """configs/codebook_demo.py:tiny through the CLI == codebook.build='task' of
     configs/default.py:tiny, so either route gives the demo tokenizer the same codebook."""
     from tests.test_train import tiny_config
     proc = subprocess.run(
@@ -182,7 +182,7 @@ def test_demo_cli_matches_the_tokenizers_built_in_codebook(tmp_path):
     codes = frozen.load_codebook(str(tmp_path / "cli" / "codebook.npy"),
                                  tokenizer.quantizer.codebook_size,
                                  tokenizer.codebook.feature_dim)
-    built = frozen.prepare_codebook(tokenizer, str(tmp_path / "tok"))
+    built = task.prepare_tokenizer_codebook(tokenizer, str(tmp_path / "tok"))
     np.testing.assert_allclose(built, codes, rtol=1e-5, atol=1e-6)
     with open(tmp_path / "tok" / "codebook.json") as f:
         info = json.load(f)

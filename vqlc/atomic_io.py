@@ -4,6 +4,7 @@ A reader (or a resumed run after a kill) sees either the old file or the whole n
 """
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -19,3 +20,9 @@ def atomic_write_json(path: str, obj, *, sort_keys: bool = False) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=sort_keys)
     os.replace(tmp, path)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -34,12 +34,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.codebook = ml_collections.ConfigDict()
     c.codebook.path = ""  # .npy float32 [codebook_size, feature_dim]
     c.codebook.feature_dim = 768  # CLIP ViT-L/14 projection width
-    # "" = the file must exist; "vgg16_kmeans" = build it in the workdir from pretrained VGG16
-    # patch features of the training data (the demo's offline stand-in for CLIP).
+    # "" = the file must exist; "task" = run the codebook task config nested in codebook.task
+    # inside the workdir (on the tokenizer's own data, with K = quantizer.codebook_size and
+    # D = codebook.feature_dim) when codebook.path is empty and no codebook.npy exists yet.
     c.codebook.build = ""
-    c.codebook.build_images = 2048  # training crops to extract features from
-    c.codebook.build_layer = "relu4_3"
-    c.codebook.kmeans_iters = 30
+    c.codebook.task = ml_collections.ConfigDict()  # a vqlc.codebook.task config (recipes.py)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.l1_weight = 1.0

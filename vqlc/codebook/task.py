@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vqlc import atomic_io
 from vqlc.codebook import backbones
 from vqlc.codebook import features as features_lib
 from vqlc.codebook import frozen
@@ -291,3 +292,44 @@ def build_codebook(config, workdir: str) -> dict:
 def run(config, workdir: str) -> dict:
     """vqlc.main's `codebook` task."""
     return build_codebook(config, workdir)
+
+
+def tokenizer_task_config(config) -> ml_collections.ConfigDict:
+    """The codebook-task config a tokenizer config nests (codebook.task), completed by what the
+    tokenizer fixes: its data (features of its own training crops), K = quantizer.codebook_size,
+    D = codebook.feature_dim and its seed; a feature batch that every device divides."""
+    c = ml_collections.ConfigDict(config.codebook.task.to_dict())
+    c.seed = config.seed
+    c.data = ml_collections.ConfigDict(config.data.to_dict())
+    c.features.dim = config.codebook.feature_dim
+    c.features.progress = False
+    c.kmeans.num_clusters = config.quantizer.codebook_size
+    devices = jax.local_device_count() * jax.process_count()
+    c.features.batch_size = max(c.features.batch_size // devices, 1) * devices
+    return c
+
+
+def prepare_tokenizer_codebook(config, workdir: str) -> np.ndarray:
+    """The LC tokenizer's frozen codebook, making sure <workdir>/codebook.npy holds it: reused
+    when present (a resumed run), else copied from codebook.path, else built with the nested
+    codebook task (codebook.build='task'; its features kept in <workdir>/codebook_features/)."""
+    q, cb = config.quantizer, config.codebook  # validated by frozen.check_codebook
+    os.makedirs(workdir, exist_ok=True)
+    target = os.path.join(workdir, frozen.WORKDIR_FILE)
+    if os.path.exists(target):
+        return frozen.load_codebook(target, q.codebook_size, cb.feature_dim)
+    if cb.path:
+        codes = frozen.load_codebook(cb.path, q.codebook_size, cb.feature_dim)
+        if jax.process_index() == 0:
+            atomic_io.atomic_copy(cb.path, target)
+        return codes
+    start = time.time()
+    task_config = tokenizer_task_config(config)
+    check_config(task_config)
+    codes, info = make_codebook(task_config, os.path.join(workdir, "codebook_features"))
+    info["wall_time_s"] = round(time.time() - start, 1)
+    logging.info("Codebook: k-means of %d %s features -> %d centres", info["num_features"],
+                 info["encoder"], codes.shape[0])
+    if jax.process_index() == 0:
+        frozen.save_codebook(workdir, codes, info)
+    return codes

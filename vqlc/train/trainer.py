@@ -10,6 +10,7 @@ import numpy as np
 
 from vqlc import checkpoint, config_io, parallel
 from vqlc.codebook import frozen as frozen_codebook
+from vqlc.codebook import task as codebook_task
 from vqlc.eval import evaluator
 from vqlc.eval import images as image_io
 from vqlc.eval import metrics as eval_metrics
@@ -66,7 +67,7 @@ def setup_model(config: ml_collections.ConfigDict, workdir: str, mesh, abstract:
                                      seed=config.seed, mesh=mesh, abstract=abstract,
                                      shard_params=config.mesh.get("shard_params", False))
     if config.quantizer.kind == "lc":
-        codes = frozen_codebook.prepare_codebook(config, workdir)
+        codes = codebook_task.prepare_tokenizer_codebook(config, workdir)
         frozen = {"frozen": jax.tree.map(
             lambda leaf: jax.device_put(codes, parallel.replicated(mesh)), frozen["frozen"])}
     return model, disc, g_tx, d_tx, state, frozen
