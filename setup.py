@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "matplotlib>=3.8,<4",
     "tqdm>=4.66,<5",
+    # Paths of run directories, local or gs:// (vqlc/rundir.py, vqlc/atomic_io.py).
+    "etils[epath]>=1.7",
     "absl-py>=2.1",
     # CLIP checkpoints (Hugging Face snapshots), read as numpy without torch.
     "safetensors>=0.4,<1",

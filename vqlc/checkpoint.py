@@ -12,13 +12,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vqlc import rundir
+
 STATE, DATA = "state", "data"
 # Orbax's in-progress save directories: <step>.orbax-checkpoint-tmp[-<timestamp>].
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def make_manager(workdir: str, *, keep: int, save_interval: int = 1) -> ocp.CheckpointManager:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = rundir.checkpoints(workdir)
     remove_unfinished_saves(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval, create=True,

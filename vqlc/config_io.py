@@ -1,11 +1,13 @@
 """<workdir>/config.json: written when a run starts, checked when it resumes, read by Tokenizer."""
 import json
-import os
 
 import jax
 import ml_collections
+from etils import epath
 
-CONFIG_FILE = "config.json"
+from vqlc import atomic_io, rundir
+
+CONFIG_FILE = rundir.CONFIG
 # Fields that change the shapes or meaning of what a checkpoint holds.
 _IDENTITY = ("model", "quantizer", "codebook.feature_dim", "disc", "data.image_size")
 
@@ -27,17 +29,17 @@ def identity(config: ml_collections.ConfigDict) -> dict:
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: is {workdir!r} a vqlc training workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    path = epath.Path(rundir.config(workdir))
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} not found: is {workdir!r} a vqlc training "
+                                "workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses a config whose model differs from the run already in `workdir`."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = rundir.config(workdir)
+    if not epath.Path(path).exists():
         return
     old, new = identity(load(workdir)), identity(config)
     diffs = [k for k in _IDENTITY if old[k] != new[k]]
@@ -51,9 +53,4 @@ def write_or_check(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes config.json for a new run; for an existing one, refuses a different model."""
     check_compatible(config, workdir)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, CONFIG_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, path)
+        atomic_io.write_text(rundir.config(workdir), config.to_json_best_effort(indent=2))

@@ -32,7 +32,7 @@ import numpy as np
 
 from absl import flags
 
-from vqlc import atomic_io, cli, torch_files
+from vqlc import atomic_io, cli, rundir, torch_files
 from vqlc.models import taming_names
 
 # Release state_dict key prefix -> (part, Flax path inside that part). Parts: "generator" (the
@@ -224,14 +224,13 @@ def convert(config, src: str, dst: str, *, codebook_path: Optional[str] = None,
     import jax.numpy as jnp
 
     from vqlc import checkpoint, config_io, parallel
-    from vqlc.codebook import frozen as frozen_codebook
 
     if not os.path.isfile(src):
         raise FileNotFoundError(
             f"Checkpoint not found: {src!r}. The release files are vqgan-lc-100K-f16-dim8.pth "
             "and vqgan-lc-100K-f8-dim4.pth (the authors' VQGAN-LC README links them).")
     dst = os.path.abspath(dst)
-    ckpt_dir = os.path.join(dst, "checkpoints")
+    ckpt_dir = rundir.checkpoints(dst)
     if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; use a new --dst.")
     codebook = read_codebook(codebook_path) if codebook_path else None
@@ -239,7 +238,7 @@ def convert(config, src: str, dst: str, *, codebook_path: Optional[str] = None,
 
     step = int(config.train.num_steps if step is None or step < 0 else step)
     os.makedirs(dst, exist_ok=True)
-    cb_file = os.path.join(dst, frozen_codebook.WORKDIR_FILE)
+    cb_file = rundir.codebook(dst)
     with config.unlocked():
         config.codebook.path = cb_file
         config.codebook.build = ""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlc import checkpoint, config_io, parallel
+from vqlc import checkpoint, config_io, parallel, rundir
 from vqlc.codebook import frozen as frozen_codebook
 from vqlc.data.transforms import to_float
 from vqlc.eval.images import to_uint8
@@ -82,11 +82,11 @@ def inference_variables(config, workdir: str, mesh, step: int | None = None):
     targets = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                            targets)
     restored, step = checkpoint.restore_subtrees(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), targets, step)
+        rundir.checkpoints(workdir), targets, step)
     variables = {"params": restored["g_params"], **({"ema": restored["ema"]}
                                                     if "ema" in restored else {})}
     if shapes:  # the LC quantizer's frozen codebook, kept once in the workdir
-        path = os.path.join(workdir, frozen_codebook.WORKDIR_FILE)
+        path = rundir.codebook(workdir)
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"{path!r} not found: an LC tokenizer's frozen codebook is stored there by the "

@@ -9,10 +9,10 @@ import os
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io
+from vqlc import atomic_io, rundir
 
-WORKDIR_FILE = "codebook.npy"
-INFO_FILE = "codebook.json"
+WORKDIR_FILE = rundir.CODEBOOK
+INFO_FILE = rundir.CODEBOOK_INFO
 
 
 def load_codebook(path: str, codebook_size: int, feature_dim: int) -> np.ndarray:
@@ -59,7 +59,7 @@ def check_codebook(config: ml_collections.ConfigDict, workdir: str) -> None:
     q, cb = config.quantizer, config.codebook
     if q.kind != "lc":
         return
-    target = os.path.join(workdir, WORKDIR_FILE)
+    target = rundir.codebook(workdir)
     if os.path.exists(target):
         stored = load_codebook(target, q.codebook_size, cb.feature_dim)
         if cb.path and not np.array_equal(
@@ -83,7 +83,7 @@ def check_codebook(config: ml_collections.ConfigDict, workdir: str) -> None:
 def save_codebook(workdir: str, codes: np.ndarray, info: dict) -> str:
     """Writes <workdir>/codebook.npy (float32) and codebook.json, each atomically; returns the
     .npy path."""
-    target = os.path.join(workdir, WORKDIR_FILE)
+    target = rundir.codebook(workdir)
     atomic_io.atomic_save_npy(target, np.asarray(codes, np.float32))
-    atomic_io.atomic_write_json(os.path.join(workdir, INFO_FILE), info)
+    atomic_io.atomic_write_json(rundir.codebook_info(workdir), info)
     return target

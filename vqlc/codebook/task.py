@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io
+from vqlc import atomic_io, rundir
 from vqlc.codebook import backbones
 from vqlc.codebook import features as features_lib
 from vqlc.codebook import frozen
@@ -277,10 +277,10 @@ def build_codebook(config, workdir: str) -> dict:
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    features_dir = config.features.dir or os.path.join(workdir, "features")
+    features_dir = config.features.dir or rundir.features(workdir)
     codes, info = make_codebook(config, features_dir)
     info["wall_time_s"] = round(time.time() - start, 1)
-    info["codebook_file"] = os.path.join(workdir, frozen.WORKDIR_FILE)
+    info["codebook_file"] = rundir.codebook(workdir)
     if jax.process_index() == 0:
         frozen.save_codebook(workdir, codes, info)
         logging.info("Codebook: %s [%d, %d] (%s, inertia %s) in %.1f s",
@@ -315,7 +315,7 @@ def prepare_tokenizer_codebook(config, workdir: str) -> np.ndarray:
     codebook task (codebook.build='task'; its features kept in <workdir>/codebook_features/)."""
     q, cb = config.quantizer, config.codebook  # validated by frozen.check_codebook
     os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, frozen.WORKDIR_FILE)
+    target = rundir.codebook(workdir)
     if os.path.exists(target):
         return frozen.load_codebook(target, q.codebook_size, cb.feature_dim)
     if cb.path:
@@ -326,7 +326,7 @@ def prepare_tokenizer_codebook(config, workdir: str) -> np.ndarray:
     start = time.time()
     task_config = tokenizer_task_config(config)
     check_config(task_config)
-    codes, info = make_codebook(task_config, os.path.join(workdir, "codebook_features"))
+    codes, info = make_codebook(task_config, rundir.codebook_features(workdir))
     info["wall_time_s"] = round(time.time() - start, 1)
     logging.info("Codebook: k-means of %d %s features -> %d centres", info["num_features"],
                  info["encoder"], codes.shape[0])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from vqlc import atomic_io, rundir
 from vqlc.eval import metrics
 from vqlc.eval.images import to_uint8
 
@@ -45,7 +46,7 @@ def check_workdir(workdir: str) -> str:
     """The workdir, or FileNotFoundError saying it is missing or not a training workdir."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
-    if not os.path.exists(os.path.join(workdir, "config.json")):
+    if not os.path.exists(rundir.config(workdir)):
         raise FileNotFoundError(f"{workdir!r} has no config.json: is it a vqlc training workdir?")
     return workdir
 
@@ -66,7 +67,7 @@ def utilization_curve(records: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
 def load_utilization(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     """A workdir's utilisation curve; FileNotFoundError / ValueError when there is none."""
     from vqlc.train import reporting
-    path = os.path.join(workdir, reporting.METRICS_FILE)
+    path = rundir.metrics(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} not found: has {workdir!r} been trained?")
     steps, util = utilization_curve(reporting.read_metrics(workdir))
@@ -270,7 +271,7 @@ def plot_token_replacement(results: Sequence[tuple[str, dict]], path: str,
 # 3. t-SNE of active and inactive codes
 
 def code_counts_path(workdir: str) -> str:
-    return os.path.join(workdir, "eval", "code_counts.npy")
+    return rundir.eval_file(workdir, "code_counts.npy")
 
 
 def load_code_counts(workdir: str) -> np.ndarray:
@@ -396,8 +397,7 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_io.save_figure(path, fig)
     import matplotlib.pyplot as plt
     plt.close(fig)

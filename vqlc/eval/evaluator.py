@@ -4,7 +4,6 @@ Every example is counted once across devices and processes: padded examples carr
 and are excluded from every sum, including the code-usage counts.
 """
 import logging
-import os
 import time
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, parallel
+from vqlc import atomic_io, parallel, rundir
 from vqlc.eval import images as image_io
 from vqlc.eval import metrics
 from vqlc.eval import report
@@ -128,22 +127,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model, variable
         "protocol": PROTOCOL,
     })
     if jax.process_index() == 0:
-        _write_outputs(config, os.path.join(workdir, "eval"), results, counts, grid_orig, grid_rec)
+        _write_outputs(config, rundir.eval_dir(workdir), results, counts, grid_orig, grid_rec)
     logging.info("Evaluation: %s",
                  {k: v for k, v in results.items() if not k.endswith("protocol")})
     return results
 
 
 def _write_outputs(config, out: str, results: dict, counts, grid_orig, grid_rec) -> None:
-    os.makedirs(out, exist_ok=True)
     title = (f"{config.quantizer.kind.upper()} tokenizer, K={config.quantizer.codebook_size}, "
              f"step {results['step']}")
-    atomic_io.atomic_write_json(os.path.join(out, "metrics.json"), results)
-    with open(os.path.join(out, "metrics.md.tmp"), "w") as f:
-        f.write(report.markdown_table(results, title))
-    os.replace(os.path.join(out, "metrics.md.tmp"), os.path.join(out, "metrics.md"))
-    atomic_io.atomic_save_npy(os.path.join(out, "code_counts.npy"), counts)
-    report.plot_code_usage(counts, os.path.join(out, "code_usage.png"))
+    atomic_io.atomic_write_json(rundir.join(out, "metrics.json"), results)
+    atomic_io.write_text(rundir.join(out, "metrics.md"), report.markdown_table(results, title))
+    atomic_io.atomic_save_npy(rundir.join(out, "code_counts.npy"), counts)
+    report.plot_code_usage(counts, rundir.join(out, "code_usage.png"))
     n = config.eval.num_grid_images
-    image_io.save_png(os.path.join(out, "reconstructions.png"),
+    image_io.save_png(rundir.join(out, "reconstructions.png"),
                       image_io.comparison_grid(np.stack(grid_orig[:n]), np.stack(grid_rec[:n])))

@@ -1,8 +1,8 @@
 """PNG outputs: reconstruction grids and the utilisation-over-training plot."""
-import os
 
 import numpy as np
-from PIL import Image
+
+from vqlc import atomic_io
 
 
 def to_uint8(x) -> np.ndarray:
@@ -33,8 +33,7 @@ def comparison_grid(originals, reconstructions, pad: int = 2, min_size: int = 12
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(image).save(path)
+    atomic_io.save_png(path, image)
 
 
 def plot_utilization(records: list[dict], path: str, title: str = "") -> bool:

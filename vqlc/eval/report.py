@@ -1,7 +1,7 @@
 """Human-readable evaluation outputs: the markdown table and the code-usage plot."""
-import os
-
 import numpy as np
+
+from vqlc import atomic_io
 
 # (key in metrics.json, label, format, how the number is computed); rows whose key is absent
 # from the results (rFID off, LPIPS-AlexNet off) are left out.
@@ -64,6 +64,5 @@ def plot_code_usage(counts, path: str, title: str = "") -> None:
     hist.grid(alpha=0.3)
     fig.suptitle(title or f"Code usage: {k - dead:,} of {k:,} codes used ({dead:,} dead)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
+    atomic_io.save_figure(path, fig)
     plt.close(fig)
