@@ -8,6 +8,9 @@ import ml_collections
 CONFIG_FILE = "config.json"
 # Fields that change the shapes or meaning of what a checkpoint holds.
 _IDENTITY = ("model", "quantizer", "codebook.feature_dim", "disc", "data.image_size")
+# Fields inside those that change how a step computes, not what a checkpoint holds: a run may
+# resume with other values (e.g. switch to bfloat16 compute, or to remat to fit memory).
+_NOT_IDENTITY = {"model": ("dtype", "remat")}
 
 
 def _get(config, dotted: str):
@@ -19,6 +22,13 @@ def _get(config, dotted: str):
 def _normalise(value):
     return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value,
                                  default=list))
+
+
+def _identity(config, dotted: str):
+    value = _normalise(_get(config, dotted))
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(dotted, ())}
+    return value
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
@@ -35,7 +45,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not os.path.exists(path):
         return
     old = load(workdir)
-    diffs = [k for k in _IDENTITY if _normalise(_get(old, k)) != _normalise(_get(config, k))]
+    diffs = [k for k in _IDENTITY if _identity(old, k) != _identity(config, k)]
     if diffs:
         raise ValueError(
             f"{workdir!r} holds a run with a different config ({', '.join(diffs)} differ "

@@ -60,6 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     # Bad settings fail here, before anything is compiled or written to the workdir.
     config_io.check_compatible(config, workdir)
     cadence = loop.Cadence.from_config(config.train)
+    build.precision(config.model)  # model.dtype / model.remat
     mesh = parallel.make_mesh(config.mesh.data)
     parallel.check_batch_size(config.train.batch_size, mesh)
     if config.eval.at_end:
