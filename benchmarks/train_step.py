@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--torch-python /path/to/python-with-torch]
         [--settings demo_nogan,demo_gan,f16_gan] [--steps N] [--warmup N] [--profile] [--gpu]
+        [--dtype float32,bfloat16] [--skip-torch]
 
 Both sides run the release's full VQGAN-LC loss: L1 + LPIPS-VGG16 + 0.1 * quantizer loss, plus
 after disc_start the hinge GAN with taming's adaptive weight; Adam (0.5, 0.9, eps 1e-7) for the
@@ -35,6 +36,13 @@ On a shared or oversubscribed CPU, torch's OpenMP threads wait at every parallel
 threads the OS has descheduled: with 2 threads on 2 busy cores a small model's step can be 20x
 slower than with 1 thread, while XLA's pool degrades gracefully. --threads 1 (both workers pinned
 to one core, torch.set_num_threads(1)) gives a comparison that such load cannot skew.
+
+--dtype float32,bfloat16: the JAX step once per compute dtype (config.model.dtype; parameters
+stay float32), side by side on the same batch, interleaved like the frameworks; a second table
+gives each dtype's images/s, its speed-up over the first dtype and its first-step loss. The
+PyTorch columns compare with the first dtype. With --skip-torch only the JAX dtypes run:
+
+    python benchmarks/train_step.py --settings demo_nogan --dtype float32,bfloat16 --skip-torch
 
 --gpu: on a GPU machine the same script measures there: JAX on its default (GPU) backend and
 PyTorch on cuda (with synchronisation around each timed step). Without it both run on CPU with
@@ -117,6 +125,7 @@ class JaxWorker:
         from vqlc.train.step import make_train_step
         self.jax = jax
         config = load_config(args.setting, args.f16_codes, args.f16_batch)
+        config.model.dtype = args.dtype
         mesh = parallel.make_mesh(1)
         model = build.tokenizer_from_config(config)
         disc = build.discriminator_from_config(config)
@@ -256,11 +265,12 @@ def timed_with_value(fn):
 class Worker:
     """A worker subprocess and its log."""
 
-    def __init__(self, label, python, args, spec, extra=(), env=None):
+    def __init__(self, label, python, args, spec, extra=(), env=None, dtype=None):
         self.label = label
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"train_step_{label}_", suffix=".log",
                                                delete=False)
-        cmd = [python, os.path.abspath(__file__), "--worker", "jax" if label == "jax" else "torch",
+        cmd = [python, os.path.abspath(__file__), "--worker",
+               "jax" if label.startswith("jax") else "torch", "--dtype", dtype or "float32",
                "--setting", args.setting_now, "--spec", json.dumps(spec),
                "--warmup", str(args.warmup), "--threads", str(args.threads),
                "--f16-codes", str(args.f16_codes), "--f16-batch", str(args.f16_batch),
@@ -321,9 +331,13 @@ def bench_setting(args, setting):
     workers = {}
     try:
         # One after the other, so the JAX compile time is not inflated by torch's warm-up.
-        workers["jax"] = Worker("jax", sys.executable, args, spec, env=jax_env(args.gpu))
-        log(f"  jax ready: compile {workers['jax'].ready['compile_s']:.1f} s, warm-up steps "
-            f"{fmt_list(workers['jax'].ready['warmup_s'])}")
+        dtypes = args.dtype.split(",")
+        for dtype in dtypes:  # "jax" is the first dtype; the others are "jax_<dtype>"
+            label = "jax" if dtype == dtypes[0] else f"jax_{dtype}"
+            workers[label] = Worker(label, sys.executable, args, spec, env=jax_env(args.gpu),
+                                    dtype=dtype)
+            log(f"  {label} ({dtype}) ready: compile {workers[label].ready['compile_s']:.1f} s, "
+                f"warm-up steps {fmt_list(workers[label].ready['warmup_s'])}")
         if not args.skip_torch:
             workers["torch"] = Worker("torch", args.torch_python, args, spec)
             log(f"  torch ready: warm-up steps {fmt_list(workers['torch'].ready['warmup_s'])}")
@@ -332,11 +346,12 @@ def bench_setting(args, setting):
                                                extra=("--lean",))
                 log(f"  torch_lean ready: warm-up {fmt_list(workers['torch_lean'].ready['warmup_s'])}")
         times = {k: [] for k in workers}
-        rss = {}
+        rss, losses = {}, {k: [] for k in workers}
         for i in range(args.steps):
             for k, w in workers.items():  # interleaved: each step of each framework in turn
                 reply = w.ask("step")
                 times[k].append(reply["t"])
+                losses[k].append(reply["loss"])
                 rss[k] = reply.get("peak_rss_gb", float("nan"))
             log(f"  step {i}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
         parts = None
@@ -353,7 +368,11 @@ def bench_setting(args, setting):
         geometry = (f"{spec['resolution']} px, f{2 ** (len(spec['ch_mult']) - 1)}, ch "
                     f"{spec['ch']}, K {spec['codebook_size']}, LPIPS x{spec['perceptual_weight']:g}")
         return dict(setting=setting, geometry=geometry, batch=spec["batch"], median_s=med, times=times, rss_gb=rss,
-                    compile_s=workers["jax"].ready["compile_s"], parts=parts, gan_off=gan_off)
+                    compile_s=workers["jax"].ready["compile_s"], parts=parts, gan_off=gan_off,
+                    dtypes={("jax" if d == dtypes[0] else f"jax_{d}"): d for d in dtypes},
+                    losses=losses,
+                    compile_by_worker={k: w.ready.get("compile_s", 0.0)
+                                       for k, w in workers.items()})
     finally:
         for w in workers.values():
             w.close()
@@ -387,6 +406,20 @@ def report(results, args):
                      + " | ".join(lean_cells) + f" | {r['compile_s']:.1f} | "
                      + " / ".join(f"{r['rss_gb'][k]:.1f}" for k in ("jax", "torch")
                                   if k in r["rss_gb"]) + " |")
+    if any(len(r["dtypes"]) > 1 for r in results):
+        lines += ["", "JAX compute dtypes, side by side on the same batch (config.model.dtype; "
+                  "parameters float32). Speed-up = median step time of the first dtype / "
+                  "this dtype's (> 1: faster). Loss: the first timed step's (after the same "
+                  "warm-up steps).", "",
+                  "| setting | dtype | img/s | median step s | speed-up | compile s | loss |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results:
+            base = r["median_s"]["jax"]
+            for label, dtype in r["dtypes"].items():
+                med = r["median_s"][label]
+                lines.append(f"| {r['setting']} | {dtype} | {r['batch'] / med:.2f} | {med:.3f} | "
+                             f"{base / med:.2f} | {r['compile_by_worker'][label]:.1f} | "
+                             f"{r['losses'][label][0]:.5f} |")
     for r in results:
         if r["parts"]:
             lines += ["", f"Parts, {r['setting']} (median seconds per call, batch {r['batch']}; "
@@ -422,6 +455,9 @@ def main():
     parser.add_argument("--part-reps", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="measure on the GPU instead of the CPU")
+    parser.add_argument("--dtype", default="float32",
+                        help="JAX compute dtype(s), comma-separated: float32,bfloat16 times "
+                             "each side by side (config.model.dtype)")
     parser.add_argument("--json", default="", help="also write the results here")
     # Worker-only flags.
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -432,6 +468,9 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return run_worker(args)
+    for dtype in args.dtype.split(","):
+        if dtype not in ("float32", "bfloat16"):
+            parser.error(f"unknown --dtype {dtype!r}; choose from float32, bfloat16")
 
     args.lpips_ckpt = lpips_checkpoint()
     results = []

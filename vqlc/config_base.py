@@ -20,6 +20,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attn_resolutions = (16,)
     c.model.z_channels = 256
     c.model.dropout = 0.0
+    # Precision and memory, read by every trainer (not part of a checkpoint's identity: a run
+    # may resume with other values). dtype: the compute dtype, float32 | bfloat16; parameters,
+    # optimiser states, norms, the quantizer's code search and the losses stay float32.
+    # remat: none | blocks (recompute each residual/attention block's activations in the
+    # backward pass: less activation memory for ~1/3 more compute, same numbers).
+    c.model.dtype = "float32"
+    c.model.remat = "none"
 
     c.quantizer = ml_collections.ConfigDict()
     c.quantizer.kind = "lc"  # vq | fc | ema | lc

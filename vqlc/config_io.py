@@ -10,6 +10,9 @@ from vqlc import atomic_io, rundir
 CONFIG_FILE = rundir.CONFIG
 # Fields that change the shapes or meaning of what a checkpoint holds.
 _IDENTITY = ("model", "quantizer", "codebook.feature_dim", "disc", "data.image_size")
+# Fields inside those that change how a step computes, not what a checkpoint holds: a run may
+# resume with other values (e.g. switch to bfloat16 compute, or to remat to fit memory).
+_NOT_IDENTITY = {"model": ("dtype", "remat")}
 
 
 def _get(config, dotted: str):
@@ -23,9 +26,16 @@ def _normalise(value):
                                  default=list))
 
 
+def _identity(config, dotted: str):
+    value = _normalise(_get(config, dotted))
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in _NOT_IDENTITY.get(dotted, ())}
+    return value
+
+
 def identity(config: ml_collections.ConfigDict) -> dict:
     """The fields that define what a run's checkpoints compute, as plain JSON values."""
-    return {k: _normalise(_get(config, k)) for k in _IDENTITY}
+    return {k: _identity(config, k) for k in _IDENTITY}
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

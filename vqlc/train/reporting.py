@@ -9,7 +9,9 @@ import time
 import jax
 import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from vqlc import atomic_io, rundir
+
+METRICS_FILE = rundir.METRICS
 
 
 class Reporter:
@@ -23,8 +25,8 @@ class Reporter:
         if self.is_writer:
             from clu import metric_writers  # imports TensorFlow: only where it writes
             self._writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-            _drop_records_after(os.path.join(workdir, METRICS_FILE), start_step)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+            _drop_records_after(rundir.metrics(workdir), start_step)
+            self._jsonl = open(rundir.metrics(workdir), "a")
         self._bar = tqdm.tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
                               disable=not (progress_bar and self.is_writer), desc="train")
         self._last_time = time.time()
@@ -84,14 +86,11 @@ def _drop_records_after(path: str, step: int) -> None:
         if record and record[0].get("step", 0) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_io.write_text(path, "".join(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, METRICS_FILE)
+    path = rundir.metrics(workdir)
     if not os.path.exists(path):
         return []
     with open(path) as f:

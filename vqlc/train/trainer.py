@@ -1,14 +1,17 @@
-"""Tokenizer training: train_and_evaluate(config, workdir) -> (state, eval metrics)."""
+"""Tokenizer training: train_and_evaluate(config, workdir) -> (state, eval metrics).
+
+The steps, checkpoints, logs, previews and preemption are the shared loop's
+(vqlc.train.loop); this module supplies the tokenizer's step, batches and hooks.
+"""
 import logging
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import checkpoint, config_io, parallel
+from vqlc import checkpoint, config_io, parallel, rundir
 from vqlc.codebook import frozen as frozen_codebook
 from vqlc.codebook import task as codebook_task
 from vqlc.eval import evaluator
@@ -16,43 +19,12 @@ from vqlc.eval import images as image_io
 from vqlc.eval import metrics as eval_metrics
 from vqlc.models import build
 from vqlc.models import lpips as lpips_lib
-from vqlc.train import optim, reporting
+from vqlc.train import loop, optim, reporting
 from vqlc.train.state import TrainState, count_params, init_train_state
 from vqlc.train.step import make_train_step
 
 
-class _StopRequested:
-    """SIGTERM (preemption) sets a flag; the loop then saves a checkpoint and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
-
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether to stop after `step`. With several processes the signal reaches each at its
-        own time, but all must save (a collective) at the same step: they agree every `every`
-        steps (a host sync, so not every step) on whether any of them was signalled."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+NONFINITE_HINT = "Try a lower optim.lr, or check the data and the codebook for NaN/Inf."
 
 
 def setup_model(config: ml_collections.ConfigDict, workdir: str, mesh, abstract: bool = False):
@@ -78,10 +50,18 @@ def model_variables(state: TrainState, frozen: dict) -> dict:
     return {"params": state.g_params, "ema": state.ema, **frozen}
 
 
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """Trains (or resumes) the tokenizer in `workdir`; returns the end-of-training evaluation
+    (None when config.eval.at_end is off or a SIGTERM stopped the run first)."""
+    return train_and_evaluate(config, workdir)[1]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     workdir = os.path.abspath(workdir)
     # Bad settings fail here, before anything is compiled or written to the workdir.
     config_io.check_compatible(config, workdir)
+    cadence = loop.Cadence.from_config(config.train)
+    build.precision(config.model)  # model.dtype / model.remat
     mesh = parallel.make_mesh(config.mesh.data)
     parallel.check_batch_size(config.train.batch_size, mesh)
     if config.eval.at_end:
@@ -101,9 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                    shard_index=jax.process_index(),
                                    shard_count=jax.process_count())
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
-    restored = checkpoint.restore_latest(manager, state, train_it)
-    if restored is not None:
-        state = restored
+    state, start = loop.resume(manager, state, train_it)
     lpips_params = jax.device_put(lpips_lib.load_vgg16_lpips_params(), parallel.replicated(mesh))
 
     step_fn = make_train_step(model, disc, g_tx, d_tx, config.loss,
@@ -118,47 +96,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     preview_data.num_workers = 0
     preview = next(iter(make_eval_iterator(preview_data, batch_size=config.eval.num_grid_images)))
 
-    num_steps, start = config.train.num_steps, int(state.step)
+    num_steps = config.train.num_steps
     reporter = reporting.Reporter(workdir, num_steps=num_steps, start_step=start,
                                   batch_size=config.train.batch_size,
                                   progress_bar=config.train.progress_bar)
     num_codes = config.quantizer.codebook_size
-    nonfinite = jnp.zeros((), jnp.float32)  # stays on device: no per-step host sync
-    step = start
-    with _StopRequested() as stop:
-        while step < num_steps:
-            batch = parallel.global_batch(next(train_it), mesh)
-            state, metrics = train_step(state, batch, frozen, lpips_params)
-            nonfinite = nonfinite + (1.0 - metrics["finite"])
-            step += 1
-            stop_now = stop.agreed(step, config.train.log_every)
-            last = step == num_steps or stop_now
-            save_now = last or step % config.train.checkpoint_every == 0
-            if step % config.train.log_every == 0 or save_now:
-                _raise_if_nonfinite(nonfinite, step, metrics)
-                usage = np.asarray(state.usage)
-                scalars = {k: v for k, v in jax.device_get(metrics).items() if k != "finite"}
-                scalars["utilization"] = eval_metrics.utilization(usage)
-                scalars["perplexity"] = float(eval_metrics.perplexity(usage))
-                scalars["lr"] = float(optim.learning_rate_schedule(config.optim, num_steps)(step))
-                reporter.write(step, scalars)
-                state = state.replace(usage=state.usage * 0)  # next window starts empty
-            if step % config.train.image_every == 0 or last:
-                _write_preview(reporter, workdir, step, reconstruct(
-                    model_variables(state, frozen), jnp.asarray(preview["image"])), preview)
-            if save_now:
-                checkpoint.save(manager, step, state, train_it, force=True)
-            reporter.advance(step)
-            if stop_now:
-                logging.warning("Stopped at step %d of %d (SIGTERM); checkpoint saved in %s. "
-                                "Re-run the same command to resume.", step, num_steps,
-                                manager.directory)
-                break
+    lr_schedule = optim.learning_rate_schedule(config.optim, num_steps)
+
+    def on_log(step, state, scalars):
+        usage = np.asarray(state.usage)
+        scalars["utilization"] = eval_metrics.utilization(usage)
+        scalars["perplexity"] = float(eval_metrics.perplexity(usage))
+        scalars["lr"] = float(lr_schedule(step))
+        return state.replace(usage=state.usage * 0), scalars  # next window starts empty
+
+    def on_preview(step, state):
+        _write_preview(reporter, workdir, step, reconstruct(
+            model_variables(state, frozen), jnp.asarray(preview["image"])), preview)
+
+    state, step, _ = loop.run_loop(
+        state, train_step=lambda s, batch: train_step(s, batch, frozen, lpips_params),
+        next_batch=lambda: parallel.global_batch(next(train_it), mesh), num_steps=num_steps,
+        cadence=cadence, manager=manager, reporter=reporter, data_iterator=train_it,
+        on_log=on_log, on_preview=on_preview, start_step=start, nonfinite_hint=NONFINITE_HINT)
     reporter.close()
     manager.close()
     if jax.process_index() == 0:
         image_io.plot_utilization(reporting.read_metrics(workdir),
-                                  os.path.join(workdir, "plots", "utilization.png"),
+                                  rundir.utilization_plot(workdir),
                                   title=f"VQGAN-{config.quantizer.kind.upper()}, "
                                         f"K={num_codes}: codes used per log window")
     results = None
@@ -168,23 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return state, results
 
 
-def _raise_if_nonfinite(nonfinite, step: int, metrics) -> None:
-    if float(nonfinite) > 0:
-        raise FloatingPointError(
-            f"Non-finite loss in {int(float(nonfinite))} step(s) up to step {step} (last "
-            f"loss={float(metrics['loss'])}). Training stopped; the last checkpoint predates "
-            "it. Try a lower optim.lr, or check the data and the codebook for NaN/Inf.")
-
-
 def _write_preview(reporter, workdir: str, step: int, x_rec, preview) -> None:
     if jax.process_index() != 0:
         return
     grid = image_io.comparison_grid(image_io.to_uint8(preview["image"]),
                                     image_io.to_uint8(x_rec))
-    image_io.save_png(os.path.join(workdir, "images", f"step_{step:08d}.png"), grid)
+    image_io.save_png(rundir.preview(workdir, step), grid)
     reporter.write_images(step, {"reconstructions": grid[None]})
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-    """vqlc.main's `tokenizer` task: the evaluation metrics (None when stopped early)."""
-    return train_and_evaluate(config, workdir)[1]
