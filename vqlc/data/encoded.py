@@ -64,6 +64,11 @@ def _identity(tokenizer) -> dict:
     return tokenizer.identity() if hasattr(tokenizer, "identity") else dict(tokenizer)
 
 
+def describe_tokenizer(identity: dict) -> str:
+    return (f"(workdir {identity.get('workdir')!r}, step {identity.get('step')}, "
+            f"config hash {identity.get('config_hash')})")
+
+
 def check_tokenizer(recorded: dict, expected, where: str) -> None:
     """Refuses data made by another tokenizer than ``expected`` (a Tokenizer or its identity()).
 
@@ -74,8 +79,8 @@ def check_tokenizer(recorded: dict, expected, where: str) -> None:
     norm = lambda k, v: os.path.abspath(v) if k == "workdir" and v else v  # noqa: E731
     if any(norm(k, recorded.get(k)) != norm(k, expected.get(k)) for k in keys):
         raise ValueError(
-            f"{where} was encoded by tokenizer {recorded} (workdir, step, config hash), not by "
-            f"the expected tokenizer {expected}. Re-encode the dataset with this tokenizer "
+            f"{where} was encoded by tokenizer {describe_tokenizer(recorded)}, not by the "
+            f"expected tokenizer {describe_tokenizer(expected)}. Re-encode the dataset with this tokenizer "
             "(a new encode workdir), or point the generator at the tokenizer that made it.")
 
 
