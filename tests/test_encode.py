@@ -203,3 +203,24 @@ def test_command_line_end_to_end(tokdir, tok, tmp_path):
     assert len(ds) == 2 * 40  # :tiny = 40 images and their mirror images
     images, _ = _demo_crops(4)
     np.testing.assert_array_equal(ds.column("codes")[0:8:2], tok.encode(images))
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_shards_of_one(tokdir, tmp_path):
+    """launch/local.sh: 2 processes x 2 CPU devices, one writer, the same shards as one process
+    with 4 devices."""
+    env = dict(os.environ, PYTHON=sys.executable, VQLC_LOCAL_DEVICES="2", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    flags = [f"--config.tokenizer.workdir={tokdir}", "--config.encode.max_images=20",
+             "--config.encode.images_per_shard=6", "--config.encode.batch_size=4"]
+    two = str(tmp_path / "two")
+    out = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "2",
+                          "configs/encode_demo.py:tiny", two, *flags],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    one = str(tmp_path / "one")
+    encode_task.run(_config(tokdir), one)
+    a, b = encoded.EncodedDataset(two), encoded.EncodedDataset(one)
+    for name in ("indices", "labels", "aug", "codes"):
+        np.testing.assert_array_equal(a.column(name), b.column(name))
+    np.testing.assert_allclose(a.column("latents"), b.column("latents"), rtol=1e-6, atol=1e-6)
