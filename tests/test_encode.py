@@ -187,6 +187,12 @@ def test_bad_settings_fail_before_any_work(tokdir):
             encode_task.check_config(_config(tokdir, **overrides))
     with pytest.raises(ValueError, match="data.image_size=0"):
         encode_task.data_config(_config(tokdir, **{"data.image_size": 32}), 16)
+    from configs import encode_imagenet
+    for arg in ("", "ten_crop"):
+        c = encode_imagenet.get_config(arg)
+        c.tokenizer.workdir = tokdir
+        encode_task.check_config(c)
+    assert c.encode.augment == "ten_crop" and c.data.kind == "tfds"
 
 
 def test_command_line_end_to_end(tokdir, tok, tmp_path):

@@ -304,7 +304,7 @@ def _encode_shards(tok, config, data, source, directory, pending, num_images) ->
     if e.progress and first:
         import tqdm
         bar = tqdm.tqdm(total=total, unit="img", dynamic_ncols=True, desc="encode")
-    start, written = time.time(), 0
+    start, written, last_log = time.time(), 0, time.time()
     iterator = iter(ds)
     try:
         for shard, steps in zip(pending, steps_per_shard):
@@ -318,8 +318,12 @@ def _encode_shards(tok, config, data, source, directory, pending, num_images) ->
                     bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.1f}")
             if first:
                 arrays = _shard_arrays(parts, shard, num_images, e.images_per_shard, copies)
-                _write_shard(directory, shard, arrays)
+                path = _write_shard(directory, shard, arrays)
                 written += len(arrays["indices"]) // copies
+                if bar is None or time.time() - last_log > 60:
+                    last_log = time.time()
+                    logging.info("Encode: wrote %s (%d/%d images, %.1f images/s)", path,
+                                 written, total, written / max(time.time() - start, 1e-9))
     finally:
         if bar is not None:
             bar.close()
