@@ -80,8 +80,9 @@ def check_tokenizer(recorded: dict, expected, where: str) -> None:
     if any(norm(k, recorded.get(k)) != norm(k, expected.get(k)) for k in keys):
         raise ValueError(
             f"{where} was encoded by tokenizer {describe_tokenizer(recorded)}, not by the "
-            f"expected tokenizer {describe_tokenizer(expected)}. Re-encode the dataset with this tokenizer "
-            "(a new encode workdir), or point the generator at the tokenizer that made it.")
+            f"expected tokenizer {describe_tokenizer(expected)}. Re-encode the dataset with "
+            "this tokenizer (a new encode workdir), or point the generator at the tokenizer that "
+            "made it.")
 
 
 def _npz_memmaps(path: str) -> dict[str, np.ndarray]:
