@@ -23,7 +23,7 @@ def write_bytes(path, data: bytes) -> None:
     if is_remote(path):
         path.write_bytes(data)
         return
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # hidden: no reader's glob matches
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

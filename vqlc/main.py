@@ -16,6 +16,7 @@ TASKS = {
     "codebook": "vqlc.codebook.task:run",  # features + k-means -> codebook.npy
     "tokenizer": "vqlc.train.trainer:run",  # train, then evaluate
     "evaluate": "vqlc.eval.run:run",  # a trained workdir
+    "encode": "vqlc.encode_task:run",  # a dataset -> shards of tokens / latents
 }
 
 _CONFIG = cli.define_config(flags.FLAGS)

@@ -5,6 +5,7 @@
     codes = tok.encode(images_uint8)          # int32 [B, h, w]
     images = tok.decode(codes)                # uint8 [B, H, W, 3]
     z = tok.encode_latents(images_uint8)      # float32 [B, h, w, dim], before quantisation
+    codes, z = tok.encode_with_latents(images_uint8)   # both, one encoder pass
     images = tok.decode_latents(z)            # snap each latent to its nearest code, decode
 
 Inside another model's jitted step (a generator training on tokens or latents), use the pure
@@ -29,6 +30,11 @@ def _encode_indices(model, x):
     return model.quantizer(model.encode(x), train=False).indices
 
 
+def _encode_indices_and_latents(model, x):
+    z = model.encode(x)
+    return model.quantizer(z, train=False).indices, z
+
+
 def _snap_and_decode(model, z):
     # Through the indices, not z_q: z_q = z + sg(code - z) differs from the code by rounding,
     # and decode_latents must give exactly the images decode() gives for the same tokens.
@@ -43,6 +49,12 @@ def encode_fn(model):
 def encode_latents_fn(model):
     """(variables, images in [-1, 1]) -> pre-quantisation latents [B, h, w, dim]."""
     return lambda variables, x: model.apply(variables, x, method=type(model).encode)
+
+
+def encode_with_latents_fn(model):
+    """(variables, images in [-1, 1]) -> (int32 codes [B, h, w], latents [B, h, w, dim]), one
+    encoder pass for both."""
+    return lambda variables, x: model.apply(variables, x, method=_encode_indices_and_latents)
 
 
 def decode_fn(model):
@@ -111,6 +123,8 @@ class Tokenizer:
         out = parallel.batch_sharded(self.mesh)
         self._encode = jax.jit(encode_fn(model), out_shardings=out)
         self._encode_latents = jax.jit(encode_latents_fn(model), out_shardings=out)
+        self._encode_with_latents = jax.jit(encode_with_latents_fn(model),
+                                            out_shardings=(out, out))
         self._decode = jax.jit(decode_fn(model), out_shardings=out)
         self._decode_latents = jax.jit(decode_latents_fn(model), out_shardings=out)
 
@@ -153,7 +167,7 @@ class Tokenizer:
         if pad:
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
         out = fn(self.variables, parallel.global_batch(x, self.mesh))
-        return parallel.local_rows(out)[:n]
+        return jax.tree.map(lambda o: parallel.local_rows(o)[:n], out)
 
     def _images(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -174,6 +188,10 @@ class Tokenizer:
     def encode_latents(self, images) -> np.ndarray:
         """uint8 [B, H, W, 3] -> continuous pre-quantisation latents [B, H/f, W/f, dim]."""
         return self._run(self._encode_latents, self._images(images))
+
+    def encode_with_latents(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(encode(images), encode_latents(images)) from one encoder pass."""
+        return self._run(self._encode_with_latents, self._images(images))
 
     def decode(self, codes) -> np.ndarray:
         """int32 code ids [B, h, w] -> uint8 images [B, h*f, w*f, 3]."""

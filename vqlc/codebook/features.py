@@ -23,7 +23,6 @@ import glob
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlc import atomic_io, parallel
-from vqlc.data import transforms
+from vqlc.data import shards, transforms
 
 SPEC_FILE = "spec.json"
 SPEC_FORMAT = 1
@@ -94,9 +93,7 @@ class _Record(grain.transforms.Map):
             # The tokenizer's training transform, seeded by the image's index: deterministic,
             # so a resumed extraction gives the same crops.
             size, resize = self.random_crop
-            rng = np.random.default_rng([self.seed, index])
-            image = transforms.TrainTransform(size, resize).random_map({"image": image}, rng)[
-                "image"]
+            image = transforms.seeded_train_crop(image, size, resize, self.seed, index)
         return {"image": np.asarray(self.preprocess(image), np.uint8),
                 "label": np.int32(record["label"]), "index": np.int64(index)}
 
@@ -121,22 +118,10 @@ def _completed_shards(directory: str) -> dict[int, str]:
 
 def _check_or_write_spec(directory: str, spec: dict) -> None:
     """Refuses to mix features made by different settings in one folder."""
-    path = os.path.join(directory, SPEC_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        old_norm, new_norm = json.loads(json.dumps(old)), json.loads(json.dumps(spec))
-        if old_norm != new_norm:
-            keys = sorted(k for k in set(old_norm) | set(new_norm)
-                          if old_norm.get(k) != new_norm.get(k))
-            diffs = "; ".join(f"{k}: on disk {old_norm.get(k)!r}, now {new_norm.get(k)!r}"
-                              for k in keys)
-            raise ValueError(
-                f"{directory} holds features written with other settings ({diffs}). Delete that "
-                "folder, or point features.dir at a new one, to extract with these settings.")
-        return
-    os.makedirs(directory, exist_ok=True)
-    atomic_io.atomic_write_json(path, spec, sort_keys=True)
+    shards.check_or_write_spec(
+        os.path.join(directory, SPEC_FILE), spec, what="features",
+        remedy="Delete that folder, or point features.dir at a new one, to extract with these "
+               "settings.")
 
 
 def _write_shard(directory: str, shard: int, process_index: int, features: np.ndarray,
@@ -204,7 +189,7 @@ def extract_features(backbone, source, directory: str, *, pool: int = 1, batch_s
     num_images = len(source) if not max_images else min(len(source), int(max_images))
     if num_images < 1:
         raise ValueError(f"No images to extract features from (source {source!r}).")
-    num_shards = math.ceil(num_images / images_per_shard)
+    num_shards = shards.num_shards(num_images, images_per_shard)
     mesh = parallel.make_mesh(devices=devices if devices is not None else jax.local_devices())
     num_devices = mesh.shape[parallel.DATA_AXIS]
     if batch_size % process_count or (batch_size // process_count) % num_devices:
@@ -240,8 +225,7 @@ def extract_features(backbone, source, directory: str, *, pool: int = 1, batch_s
     return FeatureShards(directory)
 
 
-def _shard_range(shard: int, num_images: int, images_per_shard: int) -> range:
-    return range(shard * images_per_shard, min((shard + 1) * images_per_shard, num_images))
+_shard_range = shards.shard_range
 
 
 def _run(backbone, source, directory, pending, num_images, images_per_shard, pool,

@@ -61,6 +61,34 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     return np.ascontiguousarray(image[top:top + size, left:left + size])
 
 
+def seeded_train_crop(image: np.ndarray, image_size: int, resize_shorter: int, seed: int,
+                      index: int) -> np.ndarray:
+    """The training crop (``TrainTransform``) with its position drawn from ``(seed, index)``
+    only: the same crop of an image on every run, process count and batch size, which is what
+    resumable dataset writers (features, encoded tokens) need."""
+    rng = np.random.default_rng([int(seed), int(index)])
+    return TrainTransform(image_size, resize_shorter).random_map({"image": image}, rng)["image"]
+
+
+def five_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
+    """Top-left, top-right, bottom-left, bottom-right and central size x size crops
+    (torchvision's ``FiveCrop`` order)."""
+    height, width = image.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"Image {image.shape} is smaller than the crop size {size}.")
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
+    crops = [np.ascontiguousarray(image[t:t + size, l:l + size]) for t, l in corners]
+    return crops + [center_crop(image, size)]
+
+
+def ten_crop(image: np.ndarray, size: int, crop_size: int) -> list[np.ndarray]:
+    """LlamaGen's ten-crop augmentation: the shorter side resized to ``crop_size`` and the
+    central ``crop_size`` square kept (its ``center_crop_arr``), then torchvision's
+    ``TenCrop(size)``: the five crops of that square, then the five crops of its mirror image."""
+    square = center_crop(resize_shorter_side(image, crop_size), crop_size)
+    return five_crop(square, size) + five_crop(np.ascontiguousarray(square[:, ::-1]), size)
+
+
 class TrainTransform(grain.transforms.RandomMap):
     """Resize the shorter side to ``resize_shorter`` (0 = no resize), then a random square crop.
 

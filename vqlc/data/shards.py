@@ -1,0 +1,50 @@
+"""Fixed-range disk shards, shared by the datasets the project writes (codebook features,
+encoded tokens and latents).
+
+Shard ``s`` holds items ``[s * per_shard, (s + 1) * per_shard)`` of the source in order, so its
+content is a function of its index alone: a re-run skips every shard already on disk and redoes
+the rest, and after a kill nothing is lost or duplicated. A ``spec`` (JSON) written next to the
+shards records what produced them; a re-run with other settings is refused rather than mixed in.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from vqlc import atomic_io
+
+
+def shard_range(shard: int, num_items: int, per_shard: int) -> range:
+    """Items of shard ``shard`` when ``num_items`` are cut into shards of ``per_shard``."""
+    return range(shard * per_shard, min((shard + 1) * per_shard, num_items))
+
+
+def num_shards(num_items: int, per_shard: int) -> int:
+    return -(-num_items // per_shard)
+
+
+def spec_differences(old: dict, new: dict) -> str:
+    """'key: on disk X, now Y; ...' over the top-level keys that differ ('' if none)."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # tuples -> lists
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: on disk {old.get(k)!r}, now {new.get(k)!r}" for k in keys)
+
+
+def check_or_write_spec(path: str, spec: dict, *, what: str, remedy: str,
+                        write: bool = True) -> None:
+    """Writes ``spec`` to ``path`` (atomically) if absent, else refuses a different one.
+
+    ``what`` names what the folder holds, ``remedy`` says what to do; both go into the error.
+    ``write=False`` only checks (e.g. processes other than the one that writes).
+    """
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diffs = spec_differences(old, spec)
+        if diffs:
+            raise ValueError(f"{os.path.dirname(path) or '.'} holds {what} written with other "
+                             f"settings ({diffs}). {remedy}")
+        return
+    if write:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_io.atomic_write_json(path, spec, sort_keys=True)
