@@ -16,6 +16,7 @@ TASKS = {
     "codebook": "vqlc.codebook.task:run",  # features + k-means -> codebook.npy
     "tokenizer": "vqlc.train.trainer:run",  # train, then evaluate
     "evaluate": "vqlc.eval.run:run",  # a trained workdir
+    "sample": "vqlc.gen.sample:run",  # a generator's samples -> samples.npz (ADM layout)
 }
 
 _CONFIG = cli.define_config(flags.FLAGS)
