@@ -254,3 +254,27 @@ def test_cli_end_to_end(tok_dir, four, tmp_path):
     from PIL import Image
     np.testing.assert_array_equal(np.asarray(Image.open(pngs[-1])), _npz(four)["arr_0"][-1])
     assert jax.process_count() == 1
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_samples_of_one(tok_dir, four, tmp_path):
+    """launch/local.sh: 2 processes x 2 devices (about 40 s on 2 cores)."""
+    import tempfile
+    workdir = str(tmp_path / "two")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VQLC_") and k != "XLA_FLAGS"}
+    env.update(PYTHON=sys.executable, VQLC_LOCAL_DEVICES="2", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
+                                                      "vqlc-test-jax-cache"))
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "configs/sample_demo.py:tiny",
+         workdir, f"--config.tokenizer.workdir={tok_dir}"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    a, b = _shards(workdir), _shards(four)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        for key in a[name]:
+            np.testing.assert_array_equal(a[name][key], b[name][key])
+    np.testing.assert_array_equal(_npz(workdir)["arr_0"], _npz(four)["arr_0"])
+    with open(os.path.join(workdir, "samples.json")) as f:
+        assert json.load(f)["processes"] == 2
