@@ -104,6 +104,7 @@ def test_killed_mid_way_resumes_every_sample_once(tok_dir, four, tmp_path, monke
     assert len(_shards(workdir)) == 3 and not os.path.exists(os.path.join(workdir, "samples.npz"))
     monkeypatch.setattr(sample, "_write_shard", real_write)
     sample.run(config, workdir)
+    assert not [n for n in os.listdir(os.path.join(workdir, "samples")) if ".tmp-" in n]
     with open(os.path.join(workdir, "samples.json")) as f:
         assert json.load(f)["sampled_this_run"] == N - 3 * 8
     a, b = _shards(workdir), _shards(four)

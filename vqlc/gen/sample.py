@@ -231,6 +231,10 @@ def run(config, workdir: str) -> dict:
     shard_dir = os.path.join(workdir, SHARD_DIR)
     _check_or_write_spec(shard_dir, _spec(config, tok, gen, num_samples))
     os.makedirs(shard_dir, exist_ok=True)
+    if jax.process_index() == 0:  # writes cut short by a kill (only process 0 writes)
+        for name in os.listdir(shard_dir):
+            if ".tmp-" in name:
+                os.remove(os.path.join(shard_dir, name))
     png_dir = os.path.join(workdir, "samples_png") if s.png else None
     pending = _pending_batches(workdir, num_batches)
     writer = jax.process_index() == 0
@@ -270,8 +274,8 @@ def run(config, workdir: str) -> dict:
             # the next batch is dispatched before this one is copied and written
             in_flight = (pending[k + 1], feed(pending[k + 1])) if k + 1 < len(pending) else None
             n = min(batch, num_samples - b * batch)
-            images, codes = np.asarray(images)[:n], np.asarray(codes)[:n]
             if writer:
+                images, codes = np.asarray(images)[:n], np.asarray(codes)[:n]
                 indices = np.arange(b * batch, b * batch + n, dtype=np.int64)
                 if png_dir:
                     _write_pngs(png_dir, images, labels[indices], indices, s.num_classes)
