@@ -198,13 +198,19 @@ def test_replay_images_are_the_tokenizer_reconstructions_of_training_crops(tok_d
 
 def test_latent_space_snaps_to_the_nearest_code(tok_dir, tok, tmp_path):
     workdir = str(tmp_path / "latents")
-    config = _config(tok_dir, **{"generator.replay.space": "latents", "sample.per_class": 2,
+    # with random labels (a partial last batch, classes with few or no samples in the grid)
+    config = _config(tok_dir, **{"generator.replay.space": "latents", "sample.per_class": 0,
+                                 "sample.labels": "random", "sample.num_samples": 13,
                                  "mesh.data": 4})
     sample.run(config, workdir)
     gen = replay.Replay.load(config, "", tokenizer=tok, mesh=parallel.make_mesh(1))
     assert gen.space == "latents" and gen.variables["bank"].shape == (CLASSES, 3, 8, 8, 8)
-    labels = np.repeat(np.arange(CLASSES), 2)
-    choice = np.asarray(gen.choice(sample.sample_keys(0, np.arange(2 * CLASSES))))
+    labels = sample.sample_labels(config)
+    np.testing.assert_array_equal(_npz(workdir)["arr_1"], labels)
+    with open(os.path.join(workdir, "samples.json")) as f:
+        assert json.load(f)["class_counts"] == np.bincount(labels, minlength=CLASSES).tolist()
+    assert os.path.exists(os.path.join(workdir, "samples_grid.png"))
+    choice = np.asarray(gen.choice(sample.sample_keys(0, np.arange(13))))
     crops = gen.images[labels, choice]
     np.testing.assert_array_equal(_npz(workdir)["arr_0"],
                                   tok.decode_latents(tok.encode_latents(crops)))
