@@ -97,8 +97,9 @@ def check_config(config) -> None:
         from vqlc.gen import replay
         replay.check_config(config)
     if not config.tokenizer.workdir:
-        raise ValueError("config.tokenizer.workdir is empty: set it to the generator's tokenizer "
-                         "(a trained tokenizer workdir, e.g. --config.tokenizer.workdir=runs/demo).")
+        raise ValueError("config.tokenizer.workdir is empty: set it to the generator's "
+                         "tokenizer (a trained tokenizer workdir, e.g. "
+                         "--config.tokenizer.workdir=runs/demo).")
     if s.num_classes < 1:
         raise ValueError(f"sample.num_classes must be >= 1, got {s.num_classes}.")
     if s.labels not in LABEL_MODES:
