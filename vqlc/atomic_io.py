@@ -38,12 +38,6 @@ def atomic_save_npy(path, array: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def atomic_save_npz(path, **arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    write_bytes(path, buffer.getvalue())
-
-
 def atomic_write_json(path, obj, *, sort_keys: bool = False) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
 
@@ -64,3 +58,51 @@ def save_figure(path, figure, **kwargs) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=os.path.splitext(str(path))[1][1:] or "png", **kwargs)
     write_bytes(path, buffer.getvalue())
+class Chunks:
+    """An array given as consecutive pieces along its first axis, for `atomic_save_npz` to
+    stream (so the whole array, e.g. 50,000 images, is never in memory at once)."""
+
+    def __init__(self, shape: tuple, dtype, chunks):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.chunks = chunks
+
+
+def atomic_save_npz(path, arrays: dict) -> None:
+    """An uncompressed .npz (what np.savez writes; np.load reads it, and can memory-map) of
+    `arrays`, name -> np.ndarray or `Chunks`, streamed to a temporary file, then renamed into
+    place (local) or uploaded (remote)."""
+    import tempfile
+    import zipfile
+    from numpy.lib import format as npy_format
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = (os.path.join(tempfile.gettempdir(), f".{path.name}.tmp-{os.getpid()}")
+           if is_remote(path) else str(path.parent / f".{path.name}.tmp-{os.getpid()}"))
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, value in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    if not isinstance(value, Chunks):
+                        npy_format.write_array(f, np.asarray(value), allow_pickle=False)
+                        continue
+                    header = {"descr": npy_format.dtype_to_descr(value.dtype),
+                              "fortran_order": False, "shape": value.shape}
+                    npy_format.write_array_header_1_0(f, header)
+                    rows = 0
+                    for chunk in value.chunks:
+                        chunk = np.ascontiguousarray(chunk, value.dtype)
+                        if chunk.shape[1:] != value.shape[1:]:
+                            raise ValueError(f"{name}: chunk of shape {chunk.shape} in an array "
+                                             f"of shape {value.shape}.")
+                        f.write(chunk.tobytes())
+                        rows += len(chunk)
+                    if rows != value.shape[0]:
+                        raise ValueError(f"{name}: {rows} rows written, {value.shape[0]} declared.")
+        if is_remote(path):
+            epath.Path(tmp).copy(path, overwrite=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -197,7 +197,7 @@ def process_indices(pending: list[int], num_images: int, images_per_shard: int,
 
 def _write_shard(directory: str, shard: int, arrays: dict) -> str:
     path = os.path.join(directory, encoded.shard_file(shard))
-    atomic_io.atomic_save_npz(path, **arrays)
+    atomic_io.atomic_save_npz(path, arrays)
     return path
 
 

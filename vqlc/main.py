@@ -17,6 +17,7 @@ TASKS = {
     "tokenizer": "vqlc.train.trainer:run",  # train, then evaluate
     "evaluate": "vqlc.eval.run:run",  # a trained workdir
     "encode": "vqlc.encode_task:run",  # a dataset -> shards of tokens / latents
+    "sample": "vqlc.gen.sample:run",  # a generator's samples -> samples.npz (ADM layout)
 }
 
 _CONFIG = cli.define_config(flags.FLAGS)

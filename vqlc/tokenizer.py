@@ -62,6 +62,15 @@ def decode_fn(model):
     return lambda variables, codes: model.apply(variables, codes, method=type(model).decode_code)
 
 
+def snap_fn(model):
+    """(variables, latents [B, h, w, dim]) -> int32 ids of their nearest codes [B, h, w]."""
+    return lambda variables, z: model.apply(variables, z, method=_snap)
+
+
+def _snap(model, z):
+    return model.quantizer(z, train=False).indices
+
+
 def decode_latents_fn(model):
     """(variables, latents [B, h, w, dim]) -> the images of their nearest codes."""
     return lambda variables, z: model.apply(variables, z, method=_snap_and_decode)

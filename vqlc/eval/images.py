@@ -40,3 +40,24 @@ def plot_utilization(records: list[dict], path: str, title: str = "") -> bool:
     """Line plot of codebook utilisation over training steps. False when nothing to plot."""
     from vqlc.eval import analysis  # the multi-run plot; imported here to keep this module light
     return analysis.plot_utilization_runs([(None, records)], path, title=title)
+
+
+def image_grid(rows, pad: int = 2, min_size: int = 64) -> np.ndarray:
+    """One row per entry of `rows` (each uint8 [n_i, H, W, 3], n_i may differ; short rows are
+    left white), e.g. a few samples per class. Small images are enlarged as in
+    `comparison_grid`."""
+    rows = [np.asarray(r) for r in rows]
+    shape = next((r.shape[1:] for r in rows if len(r)), None)
+    if shape is None:
+        raise ValueError("image_grid: no images.")
+    factor = max(1, min_size // shape[0])
+    h, w, c = shape[0] * factor, shape[1] * factor, shape[2]
+    cols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, images in enumerate(rows):
+        for j, image in enumerate(images):
+            if factor > 1:
+                image = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y:y + h, x:x + w] = image
+    return grid
