@@ -38,13 +38,21 @@ def net():
 
 
 @pytest.fixture(scope="module")
+def mesh1():
+    """One device: the 4 virtual test devices share 2 cores, and the sharded path is covered
+    by test_adm_metrics_match_golden."""
+    from vqlc import parallel
+    return parallel.make_mesh(1)
+
+
+@pytest.fixture(scope="module")
 def files(golden, tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
     a, b = str(d / "a.npz"), str(d / "b.npz")
     np.savez(a, arr_0=golden["images_a"])
     np.savez(b, arr_0=golden["images_b"], arr_1=np.arange(len(golden["images_b"])))
-    folder = d / "a_png"
-    for i, im in enumerate(golden["images_a"]):  # nested folders, upper-case extension
+    folder = d / "b_png"
+    for i, im in enumerate(golden["images_b"]):  # nested folders, upper-case extension
         sub = folder / f"part{i % 2}"
         sub.mkdir(parents=True, exist_ok=True)
         PIL.Image.fromarray(im).save(sub / f"{i:03d}.{'PNG' if i % 3 == 0 else 'png'}")
@@ -54,9 +62,9 @@ def files(golden, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clean_result(files, net):
+def clean_result(files, net, mesh1):
     return generation.compute(files.a, files.b, "clean", net=net, cache_dir=files.cache,
-                              batch_size=10)
+                              batch_size=10, mesh=mesh1)
 
 
 def _scipy_fid(mu1, s1, mu2, s2):
@@ -89,6 +97,7 @@ def test_inception_score_formula(golden):
 
 
 def test_adm_metrics_match_golden(files, net, golden):
+    # All 4 test devices: batches of 12 (10 images + 2 padding rows) sharded 3 per device.
     r = generation.compute(files.a, files.b, "adm", net=net, cache_dir=files.cache,
                            batch_size=10)
     assert r["fid"] == pytest.approx(float(golden["adm_fid"]), rel=1e-4)
@@ -107,25 +116,23 @@ def test_clean_fid_matches_golden(clean_result, golden):
     assert "clean-fid 'clean'" in clean_result["fid_protocol"]
 
 
-def test_cli_folder_equals_npz_and_api(files, net, clean_result, capsys):
+def test_cli_cached_npz_vs_folder_equals_api(files, net, mesh1, clean_result, capsys):
+    """A = a.npz (statistics from the cache the clean run wrote), B = B's images as PNG files:
+    the same FID as the Python API on the two .npz files."""
     out = str(files.dir / "cli.json")
-    assert fid_cli.main([files.folder, files.b, "--json", out, "--cache-dir", files.cache],
-                        net=net) == 0
+    assert fid_cli.main([files.a, files.folder, "--json", out, "--cache-dir", files.cache,
+                         "--batch-size", "10"], net=net, mesh=mesh1) == 0
     with open(out) as f:
         r = json.load(f)
-    assert r["num_images_a"] == 10  # notes.txt skipped, subfolders and .PNG found
+    assert any("read from cache" in n for n in r["notes"])
+    assert r["num_images_b"] == 10  # notes.txt skipped, subfolders and .PNG found
     assert r["fid"] == pytest.approx(clean_result["fid"], rel=1e-4)
     assert r["fid_protocol"].startswith("clean-fid")
     assert "fid" in capsys.readouterr().out
 
 
-def test_identical_sets_and_statistics_npz(files, net, clean_result):
-    # A's statistics come from the cache entry the clean run wrote.
-    r = generation.compute(files.a, files.a, "clean", net=net, cache_dir=files.cache,
-                           batch_size=10)
-    assert any("read from cache" in n for n in r["notes"])
-    assert abs(r["fid"]) < 1e-3
-    # A statistics .npz (mu, sigma) in place of A's images gives the same FID.
+def test_identical_sets_through_statistics_npz(files, net, mesh1, clean_result):
+    """A as a statistics .npz (mu, sigma of A's images), B = A's images: FID ~ 0."""
     entry = [n.split(" at ")[-1] for n in clean_result["notes"] if "cached at" in n][0]
     with np.load(entry) as f:
         from vqlc.eval import stats_cache
@@ -133,8 +140,9 @@ def test_identical_sets_and_statistics_npz(files, net, clean_result):
     stats = str(files.dir / "stats.npz")
     np.savez(stats, mu=mu, sigma=sigma)
     assert generation.open_input(stats).kind == "statistics"
-    r2 = generation.compute(stats, files.b, "clean", net=net, use_cache=False, batch_size=10)
-    assert r2["fid"] == pytest.approx(clean_result["fid"], rel=1e-9)
+    r = generation.compute(stats, files.a, "clean", net=net, use_cache=False, batch_size=10,
+                           mesh=mesh1)
+    assert abs(r["fid"]) < 1e-3 and r["num_images_a"] is None and r["num_images_b"] == 10
 
 
 def test_open_input_kinds(files, tmp_path):

@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None, net=None) -> int:
-    """Parse ``argv``, print the metrics, write --json. ``net``: a loaded extractor (tests)."""
+def main(argv=None, net=None, mesh=None) -> int:
+    """Parse ``argv``, print the metrics, write --json. ``net`` (a loaded extractor) and ``mesh``
+    (default: all devices) are for tests."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -50,7 +51,7 @@ def main(argv=None, net=None) -> int:
             generation.open_input(path)
         r = generation.compute(
             args.a, args.b, args.protocol, weights=args.weights or None, net=net,
-            batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+            batch_size=args.batch_size, mesh=mesh, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             inception_score_wanted={"auto": None, "yes": True, "no": False}[args.inception_score],
             progress=True)
     except (generation.InputError, FileNotFoundError) as e:

@@ -224,6 +224,23 @@ class Features:
         return np.concatenate(self.logit_rows)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_outputs(inception_protocol: str, precision, spatial: bool):
+    """One jitted Inception program per setting, reused by every Extractor (and its compiled
+    executables with it)."""
+    from vqlc.models import inception
+    outputs = functools.partial(inception.outputs_fn, protocol=inception_protocol,
+                                precision=precision, spatial=spatial)
+
+    def run(params, fc_kernel, images):
+        out = outputs(params, images)
+        if fc_kernel is not None:  # ADM: pool3 @ W of the graph's softmax layer, no bias
+            out["logits"] = jnp.dot(out["pool"], fc_kernel, precision=precision)
+        return out
+
+    return jax.jit(run)
+
+
 class Extractor:
     """Jitted Inception over batches sharded on a 1-D mesh of all (or the given) devices."""
 
@@ -236,16 +253,7 @@ class Extractor:
         rep = parallel.replicated(self.mesh)
         self.params = jax.device_put(params, rep)
         self.fc = None if fc is None else jax.device_put(jnp.asarray(fc["kernel"]), rep)
-        outputs = functools.partial(inception.outputs_fn, protocol=inception_protocol,
-                                    precision=precision, spatial=spatial)
-
-        def run(params, fc_kernel, images):
-            out = outputs(params, images)
-            if fc_kernel is not None:  # ADM: pool3 @ W of the graph's softmax layer, no bias
-                out["logits"] = jnp.dot(out["pool"], fc_kernel, precision=precision)
-            return out
-
-        self._fn = jax.jit(run)
+        self._fn = _jitted_outputs(inception_protocol, precision, spatial)
         self._sharding = parallel.batch_sharded(self.mesh)
 
     def __call__(self, batches: Iterator[np.ndarray], features: Features,
