@@ -192,3 +192,16 @@ def test_fc_from_state_dict():
     assert fc["kernel"].shape == (2048, 1008) and np.array_equal(fc["kernel"], w.T)
     with pytest.raises(ValueError, match="fc.weight has shape"):
         inception.fc_from_state_dict({"fc.weight": np.zeros((1000, 2048))})
+
+
+def test_stats_cache_round_trip_shared_with_rfid(tmp_path):
+    from vqlc.eval import rfid, stats_cache
+    s = metrics.FeatureStatistics(3)
+    s.add(np.random.default_rng(0).normal(size=(5, 3)))
+    path = stats_cache.entry_path(str(tmp_path / "c"), {"b": 1, "a": [2]})
+    assert path == stats_cache.entry_path(str(tmp_path / "c"), {"a": [2], "b": 1})
+    rfid._save_stats(path, s)  # rFID writes through the shared cache module
+    back = stats_cache.load_stats(path)
+    assert back.count == 5 and np.array_equal(back.sum, s.sum)
+    assert np.array_equal(back.outer, s.outer)
+    assert not [f for f in os.listdir(tmp_path / "c") if ".tmp" in f]
