@@ -54,7 +54,7 @@ def main(argv=None, net=None, mesh=None) -> int:
             batch_size=args.batch_size, mesh=mesh, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             inception_score_wanted={"auto": None, "yes": True, "no": False}[args.inception_score],
             progress=True)
-    except (generation.InputError, FileNotFoundError) as e:
+    except (FileNotFoundError, ValueError) as e:  # bad inputs, missing or wrong weights
         parser.error(str(e))
     for note in r["notes"]:
         print(f"note: {note}", file=sys.stderr)
