@@ -94,7 +94,7 @@ def jax_method(name, z, codes, tile_n, tile_k):
     import jax.numpy as jnp
 
     if name == "vqlc":
-        from vqlc.models.quantizers import nearest_code
+        from vqlc.neighbors import nearest_code
 
         def fn(z, codes):
             return nearest_code(z, codes, tile_n=tile_n, tile_k=tile_k)

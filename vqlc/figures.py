@@ -35,7 +35,7 @@ def _error(message: str):
 
 
 def _parse_ns(text: str) -> list[int]:
-    from vqlc.eval.analysis import MAX_RANK
+    from vqlc.neighbors import MAX_RANK
     try:
         ns = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vqlc.models.quantizers import nearest_code_in_place
+from vqlc.neighbors import nearest_code_in_place
 
 _AXIS = "data"
 INITS = ("random", "k-means++")

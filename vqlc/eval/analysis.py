@@ -11,21 +11,17 @@ Token replacement (paper, "Token Replacement"): every token is replaced by its n
 (n = 1 is ordinary quantisation) and the image decoded; a codebook whose codes are dense around
 the latents loses little PSNR as n grows.
 """
-import functools
 import os
 from typing import Iterable, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from vqlc import atomic_io, rundir
 from vqlc.eval import metrics
 from vqlc.eval.images import to_uint8
-
-# The n-th nearest search keeps n distances per token per step: n is capped to bound memory.
-MAX_RANK = 1000
+# The n-th nearest search lives in vqlc.neighbors; re-exported here for existing callers.
+from vqlc.neighbors import (  # noqa: F401
+    MAX_RANK, _default_tile_n, _nth_nearest_chunk, nth_nearest_codes)
 
 ACTIVE_COLOR = "#2ca02c"    # green, as the paper's figure
 INACTIVE_COLOR = "#1f77b4"  # blue
@@ -104,63 +100,6 @@ def plot_utilization_runs(curves: Sequence[tuple[Optional[str], Iterable[dict]]]
 
 # ----------------------------------------------------------------------------------------------
 # 2. Token replacement
-
-def _default_tile_n(k: int) -> int:
-    """Tokens per chunk: the chunk's [tile_n, K] distance block is ~16 MB on CPU (measured: 32
-    and 128 tokens a chunk run at the same speed), ~256 MB on accelerators."""
-    budget = 2**22 if jax.default_backend() == "cpu" else 2**26
-    return int(np.clip(budget // k, 8, 8192))
-
-
-@functools.partial(jax.jit, static_argnames=("cols", "n_max"))
-def _nth_nearest_chunk(z, codes, norms, *, cols: tuple, n_max: int):
-    """Ranks `cols` (0-based) of each row's codes sorted by squared distance: [rows, len(cols)]."""
-    # |z|^2 is the same for every code of a row: |c|^2 - 2 z.c ranks codes as |z - c|^2 does.
-    dist = norms[None, :] - 2.0 * jnp.dot(z, codes.T, precision=lax.Precision.HIGHEST)
-    # top_k keeps the lower index among equal values: exact ties go to the lowest code id, as
-    # argmin and quantizers.nearest_code.
-    _, idx = lax.top_k(-dist, n_max)
-    return idx[:, jnp.asarray(cols)]
-
-
-def nth_nearest_codes(z, codes, ns: Sequence[int], *, tile_n: Optional[int] = None) -> np.ndarray:
-    """int32 [N, len(ns)]: for each row of z [N, D], the id of its n-th nearest code (squared L2,
-    n = 1 the nearest) in codes [K, D], for each n in ns (each in [1, min(K, MAX_RANK)]).
-
-    Memory is bounded for any N: rows go in chunks of tile_n (default: ~16 MB of distances on
-    CPU, e.g. 41 rows at K = 100,000), each chunk a [tile_n, K] distance block and one top-max(ns)
-    selection. Distances are |c|^2 - 2 z.c after centring on the codes' mean (as
-    quantizers.nearest_code), float32 at HIGHEST precision. Exact ties rank the lower id first.
-    Measured on a busy 2-core CPU at K = 100,000, D = 8: ~1,100 tokens/s for max(ns) = 50,
-    ~320 tokens/s for max(ns) = 1000.
-    """
-    z = np.asarray(z, np.float32)
-    codes = np.asarray(codes, np.float32)
-    if z.ndim != 2 or codes.ndim != 2 or z.shape[1] != codes.shape[1]:
-        raise ValueError(f"nth_nearest_codes needs z [N, D] and codes [K, D]; got {z.shape} "
-                         f"and {codes.shape}.")
-    ns = tuple(int(n) for n in ns)
-    k, d = codes.shape
-    if not ns or min(ns) < 1 or max(ns) > min(k, MAX_RANK):
-        raise ValueError(f"Each n must lie in [1, min(K, {MAX_RANK})] = [1, {min(k, MAX_RANK)}]; "
-                         f"got {list(ns)}.")
-    tile_n = tile_n or _default_tile_n(k)
-    # Centring keeps |c|^2 and z.c small: less float32 cancellation for data far from 0.
-    centre = codes.mean(axis=0)
-    c = jnp.asarray(codes - centre)
-    norms = jnp.sum(c * c, axis=1)
-    cols = tuple(n - 1 for n in ns)
-    out = np.zeros((z.shape[0], len(ns)), np.int32)
-    zc = z - centre
-    for start in range(0, z.shape[0], tile_n):
-        rows = zc[start:start + tile_n]
-        m = rows.shape[0]
-        if m < tile_n and z.shape[0] > tile_n:  # one shape for every chunk: one compilation
-            rows = np.concatenate([rows, np.zeros((tile_n - m, d), np.float32)])
-        out[start:start + m] = np.asarray(
-            _nth_nearest_chunk(jnp.asarray(rows), c, norms, cols=cols, n_max=max(ns)))[:m]
-    return out
-
 
 def search_space(tokenizer):
     """(codebook [K, D], to_search) where the tokenizer's quantizer searches: the projected

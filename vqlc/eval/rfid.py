@@ -14,8 +14,6 @@ made them); each process keeps its own unpadded rows and the float64 sums are ad
 processes, so every image counts once.
 """
 import functools
-import hashlib
-import json
 import logging
 import os
 
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlc import parallel
-from vqlc.eval import metrics
+from vqlc.eval import metrics, stats_cache
 
 REFERENCES = {
     "centre_crop": ("rfid", "centre-cropped evaluation images"),
@@ -47,7 +45,7 @@ def _cache_key(config, weights: str, reference: str) -> str:
             "resize_shorter": d.resize_shorter, "max_images": d.eval_max_images,
             "demo_photo_size": d.demo_photo_size, "protocol": config.eval.fid_protocol,
             "weights": os.path.basename(weights), "reference": REFERENCES[reference][1]}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return stats_cache.cache_key(what)
 
 
 def _uint8_levels(x: jax.Array) -> jax.Array:
@@ -70,7 +68,7 @@ class RFID:
                                      precision=self.net.precision)
         self._from_pm1 = jax.jit(lambda p, x: features(p, _uint8_levels(x)))
         self._from_0_255 = jax.jit(features)
-        cache_dir = os.path.expanduser(config.eval.fid_cache or "~/.cache/vqlc/fid_stats")
+        cache_dir = stats_cache.cache_dir(config.eval.fid_cache)
         names = ["centre_crop"] + (["raw"] if config.eval.rfid_raw_reference else [])
         self.cache_paths = {r: os.path.join(cache_dir, f"{_cache_key(config, weights, r)}.npz")
                             for r in names}
@@ -143,15 +141,5 @@ def _sum_over_processes(stats: metrics.FeatureStatistics) -> metrics.FeatureStat
     return total
 
 
-def _save_stats(path: str, stats: metrics.FeatureStatistics) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, count=stats.count, sum=stats.sum, outer=stats.outer)
-    os.replace(tmp, path)
-
-
-def _load_stats(path: str) -> metrics.FeatureStatistics:
-    with np.load(path) as f:
-        stats = metrics.FeatureStatistics(f["sum"].shape[0])
-        stats.count, stats.sum, stats.outer = int(f["count"]), f["sum"], f["outer"]
-    return stats
+_save_stats = stats_cache.save_stats
+_load_stats = stats_cache.load_stats

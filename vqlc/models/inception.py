@@ -58,13 +58,21 @@ from vqlc.torch_files import TorchModule, flatten_arrays, load_torch_file, load_
 
 __all__ = ["InceptionV3", "InceptionFeatureExtractor", "PROTOCOLS", "FEATURE_DIM", "INPUT_SIZE",
            "load", "features_fn", "preprocess", "resize_matrix", "convert_state_dict",
-           "default_weight_paths"]
+           "default_weight_paths", "outputs_fn", "spatial_features", "fc_from_state_dict",
+           "random_params", "NUM_CLASSES", "SPATIAL_DIM"]
 
 Array = jax.Array
 Params = Dict[str, Any]
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
+NUM_CLASSES = 1008  # the TF graph's softmax layer (1000 ImageNet classes + 8 unused)
+# sFID (ADM evaluator): the graph's "mixed_6/conv" tensor -- in the TF graph's naming mixed..mixed_10
+# are Mixed_5b..Mixed_7c, so mixed_6 is Mixed_6d and its first "conv" is the 1x1 branch (after
+# BatchNorm and ReLU) -- first 7 of its 192 channels on the 17x17 grid, flattened HWC: 2023 values.
+SPATIAL_MODULE = ("Mixed_6d", "branch1x1")
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 PROTOCOLS = ("clean", "tf", "pytorch_fid")
 BN_EPS = 1e-3  # the TF graph's BatchNorm epsilon (torchvision's BasicConv2d uses the same)
 
@@ -364,6 +372,72 @@ def features_fn(params: Params, images: Array, protocol: str = "clean",
     return InceptionV3(precision=precision).apply({"params": params}, x)
 
 
+def outputs_fn(params: Params, images: Array, protocol: str = "clean",
+               precision: Any = jax.lax.Precision.HIGHEST,
+               spatial: bool = False) -> Dict[str, Array]:
+    """pool_3 features and, with ``spatial``, the ADM evaluator's sFID features, in one pass.
+
+    Returns ``{"pool": float32 [B, 2048]}`` plus ``"spatial": float32 [B, 2023]`` (see
+    :func:`spatial_features`). Jit it with ``static_argnames=("protocol", "precision",
+    "spatial")``.
+    """
+    x = preprocess(images, protocol)
+    net = InceptionV3(precision=precision)
+    if not spatial:
+        return {"pool": net.apply({"params": params}, x)}
+    pool, state = net.apply({"params": params}, x, capture_intermediates=lambda m, name: (
+        name == "__call__" and tuple(m.scope.path) == SPATIAL_MODULE))
+    inter = state["intermediates"]
+    for part in SPATIAL_MODULE:
+        inter = inter[part]
+    return {"pool": pool, "spatial": spatial_features(inter["__call__"][0])}
+
+
+def spatial_features(mixed_6d_1x1: Array) -> Array:
+    """[B, 17, 17, 192] Mixed_6d 1x1-branch output (the TF graph's ``mixed_6/conv``) -> the ADM
+    evaluator's sFID features: channels [:7], flattened in NHWC order -> float32 [B, 2023]."""
+    x = mixed_6d_1x1[..., :SPATIAL_CHANNELS].astype(jnp.float32)
+    return x.reshape(x.shape[0], -1)
+
+
+def fc_from_state_dict(sd: Dict[str, np.ndarray]) -> Optional[Dict[str, np.ndarray]]:
+    """The 1008-way softmax layer of pytorch-fid's state dict (``fc.weight`` [1008, 2048],
+    ``fc.bias``) as ``{"kernel": [2048, 1008], "bias": [1008]}``, or None when the file has no
+    ``fc`` (fid-helper's TorchScript stops at pool_3)."""
+    if "fc.weight" not in sd:
+        return None
+    w = np.asarray(sd["fc.weight"], np.float32)
+    if w.shape != (NUM_CLASSES, FEATURE_DIM):
+        raise ValueError(f"fc.weight has shape {w.shape}; expected ({NUM_CLASSES}, "
+                         f"{FEATURE_DIM}) (the TF 2015-12-05 graph's softmax layer)")
+    bias = np.asarray(sd.get("fc.bias", np.zeros(NUM_CLASSES)), np.float32)
+    return {"kernel": np.ascontiguousarray(w.T), "bias": bias}
+
+
+def random_params(seed: int = 0, with_fc: bool = True) -> Tuple[Params, Optional[Dict]]:
+    """Random InceptionV3 weights (He-normal kernels, zero biases: activations keep their scale
+    through the ReLUs, so features are usable) and a random fc layer, built in numpy from the
+    module's shapes (fast: no Flax init of the whole network). For tests and benchmarks only;
+    the numbers they give are not FIDs."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: InceptionV3().init(
+        jax.random.PRNGKey(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3))))["params"]
+
+    def make(path, s):
+        if path[-1].key == "bias":
+            return np.zeros(s.shape, np.float32)
+        fan_in = int(np.prod(s.shape[:-1]))
+        return (rng.standard_normal(s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(make, shapes)
+    fc = None
+    if with_fc:
+        fc = {"kernel": (rng.standard_normal((FEATURE_DIM, NUM_CLASSES))
+                         * (10.0 / np.sqrt(FEATURE_DIM))).astype(np.float32),
+              "bias": np.zeros((NUM_CLASSES,), np.float32)}
+    return params, fc
+
+
 # ----------------------------------------------------------------------------------------------
 # Weights
 
@@ -458,7 +532,7 @@ def convert_state_dict(sd: Dict[str, np.ndarray]) -> Params:
     TorchScript keys look like ``net.layers.mixed_4.tower.conv_1.{weight,beta,mean,var}``;
     torchvision keys like ``Mixed_6b.branch7x7_2.conv.weight`` + ``.bn.{weight,bias,
     running_mean,running_var}``. ``fc.*`` and ``AuxLogits.*`` are ignored (not on the pool_3
-    path). Raises ValueError naming any missing tensor.
+    path; :func:`fc_from_state_dict` reads ``fc``). Raises ValueError naming any missing tensor.
     """
     flat: Dict[str, Dict[str, np.ndarray]] = {}
     if any(k.startswith("net.layers.") for k in sd):
@@ -558,12 +632,16 @@ class InceptionFeatureExtractor:
       protocol: input pipeline used by :meth:`features` (see the module docstring).
       source: ``"fid_helper_torchscript"`` or ``"pytorch_fid_state_dict"``.
       path: the file the weights came from.
+      fc: the 1008-way softmax layer ``{"kernel": [2048, 1008], "bias": [1008]}`` when the file
+        has it (pytorch-fid's .pth), else None: needed for the Inception Score.
     """
 
     def __init__(self, params: Params, protocol: str = "clean", source: str = "",
-                 path: str = "", precision: Any = jax.lax.Precision.HIGHEST):
+                 path: str = "", precision: Any = jax.lax.Precision.HIGHEST,
+                 fc: Optional[Dict[str, np.ndarray]] = None):
         _check_protocol(protocol)
         self.params = params
+        self.fc = fc
         self.protocol = protocol
         self.source = source
         self.path = path
@@ -605,4 +683,4 @@ def load(path: str, protocol: str = "clean",
     sd, kind = _read_weights(path)
     params = convert_state_dict(sd)
     return InceptionFeatureExtractor(params, protocol=protocol, source=kind, path=path,
-                                     precision=precision)
+                                     precision=precision, fc=fc_from_state_dict(sd))

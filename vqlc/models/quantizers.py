@@ -1,4 +1,4 @@
-"""Vector quantizers (VQ, FC, EMA, LC) behind one interface, and the tiled nearest-code search.
+"""Vector quantizers (VQ, FC, EMA, LC) behind one interface.
 
 Every quantizer is a Linen module with fields `codebook_size`, `dim` (plus its own) and methods
   __call__(z [..., dim], *, train) -> QuantizerOutput
@@ -6,10 +6,9 @@ Every quantizer is a Linen module with fields `codebook_size`, `dim` (plus its o
   codebook() -> [K, dim]                the codebook the search runs over
 Build one by name with `make_quantizer(kind, codebook_size, dim, **kwargs)`.
 
-All four assign tokens with `nearest_code`, which never holds an N x K distance matrix: K can be
+All four assign tokens with `vqlc.neighbors.nearest_code`, which never holds an N x K distance matrix: K can be
 100,000 codes and N a whole evaluation batch of tokens.
 """
-import functools
 import math
 from typing import Callable, Optional, Tuple
 
@@ -18,220 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
+
+# The tiled search lives in vqlc.neighbors; re-exported here for existing callers.
+from vqlc.neighbors import (  # noqa: F401
+    _PAD_NORM, _default_tiles, _explicit_row_sharding, _explicit_sharding,
+    _nearest_code_local, _replicate_explicit, _row_chunks, _tile_search, nearest_code,
+    nearest_code_in_place)
 
 Array = jax.Array
-
-# Padded codes get this (finite) squared norm so they never win. +inf would also never win on CPU, but
-# a HIGHEST-precision matmul on TPU splits operands into bf16 pieces and inf - inf makes NaN there.
-_PAD_NORM = float(jnp.finfo(jnp.float32).max)
-
-
-def _default_tiles() -> Tuple[int, int]:
-    """(tile_n, tile_k) for the current backend.
-
-    CPU: measured with benchmarks/nearest_code.py (D = 8, K = 100,000) on a 2-core Xeon: ~19k
-    tokens/s (5x numpy's chunked BLAS + argmin). Blocks of ~32k distances (256x128, 128x256, 512x64,
-    1024x32) are within 5% of each other; 256x256 and larger blocks run ~2x slower. XLA runs this
-    loop on one core per device; more host devices with the rows sharded over them use more cores.
-    GPU/TPU: wide tiles keep the chip busy; not tuned here (no accelerator was available), and the
-    peak temporary is tile_n * tile_k * 4 bytes = 64 MiB.
-    """
-    if jax.default_backend() == "cpu":
-        return 256, 128
-    return 8192, 2048
-
-
-def _row_chunks(n: int, tile_n: int) -> Tuple[int, int]:
-    """Number of row chunks and rows per chunk (after padding) for n rows in chunks of <= tile_n.
-
-    Prefers a chunk count that divides n with rows-per-chunk a multiple of 8, so no padding is
-    needed and the rows of each chunk split evenly over up to 8 data shards.
-    """
-    nc_min = -(-n // tile_n)
-    for multiple in (8, 4, 2, 1):
-        for nc in range(nc_min, 2 * nc_min + 1):
-            if n % nc == 0 and (n // nc) % multiple == 0:
-                return nc, n // nc
-    return nc_min, -(-n // nc_min)
-
-
-def nearest_code(z: Array, codes: Array, *, tile_n: Optional[int] = None,
-                 tile_k: Optional[int] = None,
-                 precision: lax.Precision = lax.Precision.HIGHEST) -> Array:
-    """Index of the nearest code (squared L2) for each row of z, without an N x K matrix.
-
-    Args:
-      z: [N, D] queries (any float dtype; the search runs in float32).
-      codes: [K, D] codebook.
-      tile_n: rows handled per step (over the whole, possibly sharded, batch). None: backend default.
-      tile_k: codes compared per step. None: backend default.
-      precision: matmul precision; HIGHEST keeps float32 distances on GPU (TF32) and TPU (bf16).
-
-    Returns:
-      int32 [N]: argmin_k |z_n - c_k|^2, the lowest index among exact ties (as jnp.argmin).
-
-    The distance is computed as |c|^2 - 2 z.c (|z|^2 is the same for every code of a row) with |c|^2
-    folded into the matmul as an extra column, so one float32 dot gives the distance block. A scan
-    over K tiles keeps a running (min, index) per row; the tile's index is found as the smallest k
-    where d == min, which XLA's CPU backend vectorises, unlike its variadic argmin reduce.
-
-    Sharding (z's rows over a data axis, codes replicated), two cases:
-    - Explicit mesh axes (`jax.make_mesh`'s default): z's type names its mesh and row axes, so the
-      search runs per shard under `jax.shard_map`; each device tiles its own rows by tile_n.
-    - Auto axes (`Mesh(...)`, sharding given to jit): the tracer does not say how z is sharded, so
-      rows are cut into chunks *strided* through the batch: chunk j holds rows {i * n_chunks + j}.
-      Each device's contiguous block of rows then maps onto the leading axis of
-      z.reshape(rows_per_chunk, n_chunks, D), so every chunk is sharded like z and the loop runs
-      without communication (no all-gather of z); contiguous chunks would put the sharded axis on
-      the loop axis instead. Each device handles tile_n / n_shards rows a step.
-    Small N (n <= tile_n, e.g. a training batch) is never chunked.
-    """
-    if z.ndim != 2 or codes.ndim != 2 or z.shape[1] != codes.shape[1]:
-        raise ValueError(f"nearest_code needs z [N, D] and codes [K, D]; got {z.shape} and "
-                         f"{codes.shape}.")
-    default_n, default_k = _default_tiles()
-    tile_n = tile_n or default_n
-    tile_k = tile_k or default_k
-    z = lax.stop_gradient(z).astype(jnp.float32)
-    codes = lax.stop_gradient(codes).astype(jnp.float32)
-    # Distances are translation invariant; centring on the codes' mean keeps |c|^2 and z.c small, so
-    # the float32 cancellation in |c|^2 - 2 z.c stays small when data sit far from the origin.
-    centre = jnp.mean(codes, axis=0)
-    z, codes = z - centre, codes - centre
-    mesh, row_axes = _explicit_row_sharding(z)
-    codes = _replicate_explicit(codes)
-    if row_axes:
-        shards = math.prod(mesh.shape[a] for a in row_axes)
-        if z.shape[0] % shards == 0:
-            spec = P(row_axes if len(row_axes) > 1 else row_axes[0])
-            local = functools.partial(_nearest_code_local, tile_n=tile_n, tile_k=tile_k,
-                                      precision=precision)
-            return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec)(z, codes)
-        # Rows that do not split evenly: gather them (rare; correct, not communication-free).
-        z = _replicate_explicit(z)
-    return _nearest_code_local(z, codes, tile_n=tile_n, tile_k=tile_k, precision=precision)
-
-
-def _explicit_sharding(x: Array):
-    """(mesh, spec) when x's type carries a sharding over explicit mesh axes, else (None, None)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if not spec or all(s is None for s in spec):
-        return None, None
-    mesh = sharding.mesh
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    used = [a for s in spec if s is not None for a in (s if isinstance(s, tuple) else (s,))]
-    if not all(types[a] == AxisType.Explicit for a in used):
-        return None, None
-    return mesh, spec
-
-
-def _explicit_row_sharding(x: Array):
-    """(mesh, mesh axes sharding x's first axis) under explicit sharding, else (None, ())."""
-    mesh, spec = _explicit_sharding(x)
-    if spec is None or spec[0] is None:
-        return None, ()
-    return mesh, (spec[0] if isinstance(spec[0], tuple) else (spec[0],))
-
-
-def _replicate_explicit(x: Array) -> Array:
-    """x replicated over its explicit mesh (a no-op for unsharded or auto-sharded x)."""
-    mesh, spec = _explicit_sharding(x)
-    if spec is None:
-        return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, P()))
-
-
-def _tile_search(codes: Array, tile_k: int, precision):
-    """search(rows [m, D]) -> nearest code index [m]: a scan over K tiles of the codes."""
-    k, d = codes.shape
-    # Codes augmented with their squared norm, padded to whole tiles: [n_tiles, tile_k, D + 1].
-    tile_k = min(tile_k, k)
-    n_tiles = -(-k // tile_k)
-    pad_k = n_tiles * tile_k - k
-    norms = jnp.sum(codes * codes, axis=1, keepdims=True)
-    aug = jnp.concatenate([codes, norms], axis=1)
-    if pad_k:
-        pad = jnp.zeros((pad_k, d + 1), jnp.float32).at[:, d].set(_PAD_NORM)
-        aug = jnp.concatenate([aug, pad], axis=0)
-    aug = aug.reshape(n_tiles, tile_k, d + 1)
-    offsets = jnp.arange(n_tiles, dtype=jnp.int32) * tile_k
-
-    def search(zc: Array) -> Array:
-        # [rows, D] -> [rows, D + 1] with -2 z and a 1 that picks up |c|^2.
-        za = jnp.concatenate([-2.0 * zc, jnp.ones((zc.shape[0], 1), jnp.float32)], axis=1)
-
-        def step(carry, tile):
-            best_d, best_i = carry
-            c_tile, offset = tile
-            # [tile_k, rows]: reducing over the leading axis vectorises along rows on CPU.
-            dist = jnp.dot(c_tile, za.T, precision=precision)
-            tile_min = jnp.min(dist, axis=0)
-            iota = lax.broadcasted_iota(jnp.int32, dist.shape, 0)
-            tile_idx = jnp.min(jnp.where(dist == tile_min[None], iota, tile_k), axis=0)
-            better = tile_min < best_d  # strict: an earlier tile keeps exact ties
-            return (jnp.where(better, tile_min, best_d),
-                    jnp.where(better, tile_idx + offset, best_i)), None
-
-        # Built from zc so that, under shard_map, the carry has zc's (device-varying) type.
-        init = (jnp.full_like(zc[:, 0], jnp.inf), jnp.zeros_like(zc[:, 0], jnp.int32))
-        (_, best_i), _ = lax.scan(step, init, (aug, offsets))
-        return best_i
-
-    return search
-
-
-def _nearest_code_local(z: Array, codes: Array, *, tile_n: int, tile_k: int,
-                        precision) -> Array:
-    """nearest_code on float32 inputs, tiled over K and (strided) over N."""
-    n, d = z.shape
-    if n == 0:
-        return jnp.zeros((0,), jnp.int32)
-    search = _tile_search(codes, tile_k, precision)
-    if n <= tile_n:
-        return search(z)
-    n_chunks, rows = _row_chunks(n, tile_n)
-    pad_n = n_chunks * rows - n
-    if pad_n:  # masked rows: searched like any row, then dropped
-        z = jnp.concatenate([z, jnp.zeros((pad_n, d), jnp.float32)], axis=0)
-    strided = z.reshape(rows, n_chunks, d).transpose(1, 0, 2)  # chunk j = rows i * n_chunks + j
-    idx = lax.map(search, strided)  # [n_chunks, rows]
-    return idx.T.reshape(-1)[:n]
-
-
-def nearest_code_in_place(z: Array, codes: Array, *, tile_n: Optional[int] = None,
-                          tile_k: Optional[int] = None,
-                          precision: lax.Precision = lax.Precision.HIGHEST) -> Array:
-    """nearest_code for rows the caller holds whole: one device's array, or a shard's rows
-    inside shard_map. Same result as nearest_code.
-
-    Rows are read in contiguous chunks straight from z (dynamic slices) and centred chunk by
-    chunk, so the scratch is O(tile) instead of nearest_code's centred and strided copies of z
-    (which it needs for auto-sharded rows). For large N, e.g. k-means over millions of rows.
-    """
-    if z.ndim != 2 or codes.ndim != 2 or z.shape[1] != codes.shape[1]:
-        raise ValueError(f"nearest_code_in_place needs z [N, D] and codes [K, D]; got {z.shape} "
-                         f"and {codes.shape}.")
-    default_n, default_k = _default_tiles()
-    tile_n = tile_n or default_n
-    codes = lax.stop_gradient(codes).astype(jnp.float32)
-    centre = jnp.mean(codes, axis=0)  # see nearest_code: float32 cancellation
-    search = _tile_search(codes - centre, tile_k or default_k, precision)
-    n = z.shape[0]
-    chunk = lambda a: lax.stop_gradient(a).astype(jnp.float32) - centre
-    if n <= tile_n:
-        return search(chunk(z))
-    full = n // tile_n
-
-    def body(j, out):
-        rows = lax.dynamic_slice_in_dim(z, j * tile_n, tile_n)
-        return lax.dynamic_update_slice_in_dim(out, search(chunk(rows)), j * tile_n, 0)
-
-    out = lax.fori_loop(0, full, body, jnp.zeros_like(z[:, 0], jnp.int32))
-    if n > full * tile_n:
-        out = out.at[full * tile_n:].set(search(chunk(z[full * tile_n:])))
-    return out
 
 
 def segment_sum(data: Array, segment_ids: Array, num_segments: int) -> Array:
