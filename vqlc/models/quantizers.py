@@ -21,8 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 # The tiled search lives in vqlc.neighbors; re-exported here for existing callers.
 from vqlc.neighbors import (  # noqa: F401
-    _PAD_NORM, _default_tiles, _explicit_row_sharding, _explicit_sharding,
-    _nearest_code_local, _replicate_explicit, _row_chunks, _tile_search, nearest_code,
+    _explicit_row_sharding, _explicit_sharding, _replicate_explicit, nearest_code,
     nearest_code_in_place)
 
 Array = jax.Array
