@@ -154,6 +154,10 @@ def main():
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32, help="images per Inception call")
     ap.add_argument("--devices", default="1,4", help="device counts for Inception")
+    ap.add_argument("--fid-images", type=int, default=0,
+                    help="also time `python -m vqlc.fid` (clean protocol, real weights, no "
+                         "cache) on this many 32 px demo-size images per side: a PNG folder "
+                         "vs a sample .npz")
     ap.add_argument("--skip-pr", action="store_true")
     ap.add_argument("--skip-inception", action="store_true")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -184,6 +188,46 @@ def main():
         for k in (int(x) for x in args.devices.split(",")):
             r = run_worker("inception", args, devices=k)
             print(f"{r['devices']:>8} {r['images_per_s']:10.2f} {r['seconds']:10.1f}")
+    if args.fid_images:
+        time_fid_cli(args.fid_images)
+
+
+def time_fid_cli(n: int) -> None:
+    """Wall time of the command line on n vs n demo-size (32 px) crops of scikit-image photos."""
+    import tempfile
+
+    import PIL.Image
+    import skimage.data
+    rng = np.random.default_rng(0)
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+
+    def crops(count):
+        out = np.empty((count, 32, 32, 3), np.uint8)
+        for i in range(count):
+            p = photos[i % len(photos)]
+            y, x = rng.integers(0, p.shape[0] - 32), rng.integers(0, p.shape[1] - 32)
+            out[i] = p[y:y + 32, x:x + 32]
+        return out
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = os.path.join(d, "a")
+        os.makedirs(folder)
+        for i, im in enumerate(crops(n)):
+            PIL.Image.fromarray(im).save(os.path.join(folder, f"{i:06d}.png"))
+        npz = os.path.join(d, "b.npz")
+        np.savez(npz, arr_0=crops(n))
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "vqlc.fid", folder, npz, "--no_cache",
+                            "--json", os.path.join(d, "r.json")], env=env, capture_output=True,
+                           text=True)
+        seconds = time.perf_counter() - t
+    if p.returncode:
+        print(f"\npython -m vqlc.fid failed (weights missing?): {p.stderr.strip()[-500:]}")
+        return
+    print(f"\npython -m vqlc.fid, clean protocol, {n:,} PNG vs {n:,} .npz images of 32 px, no "
+          f"cache: {seconds:.1f} s wall ({2 * n / seconds:.1f} images/s, start-up and "
+          f"compilation included)")
 
 
 if __name__ == "__main__":
