@@ -210,14 +210,6 @@ def _gather(tree: dict) -> dict:
             multihost_utils.process_allgather(tree, tiled=True).items()}
 
 
-def _agree(done: np.ndarray) -> np.ndarray:
-    """Process 0's view of which shards are done, on every process."""
-    if jax.process_count() == 1:
-        return done
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.broadcast_one_to_all(done))
-
-
 def _manifest(tok, config, data, source, num_images: int) -> dict:
     e = config.encode
     h = data.image_size // tok.downsample_factor
@@ -259,12 +251,10 @@ def run(config, workdir: str) -> dict:
     num_shards = manifest["num_shards"]
     if first:
         os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(directory):  # shards cut short by a kill
-            if name.startswith(".") and ".tmp-" in name:
-                os.remove(os.path.join(directory, name))
+    shards.remove_unfinished(directory)
     done = np.zeros(num_shards, bool)
     done[[s for s in encoded.completed_shards(directory) if s < num_shards]] = True
-    done = _agree(done)
+    done = shards.agreed_done(done)
     pending = [s for s in range(num_shards) if not done[s]]
     start = time.time()
     written = 0

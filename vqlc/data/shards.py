@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import numpy as np
+
 from vqlc import atomic_io
 
 
@@ -21,6 +24,26 @@ def shard_range(shard: int, num_items: int, per_shard: int) -> range:
 
 def num_shards(num_items: int, per_shard: int) -> int:
     return -(-num_items // per_shard)
+
+
+def remove_unfinished(directory: str) -> None:
+    """Deletes (on process 0, the one that writes) the temporary files of shard writes a kill
+    cut short (atomic_io's hidden `.<name>.tmp-<pid>`, or any other `*.tmp-*`)."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if ".tmp-" in name:
+            os.remove(os.path.join(directory, name))
+
+
+def agreed_done(done: np.ndarray) -> np.ndarray:
+    """Process 0's view of which shards are complete, on every process: a process listing the
+    folder after process 0 wrote a shard would otherwise skip it alone, and the collectives of
+    the remaining shards would no longer match."""
+    if jax.process_count() == 1:
+        return done
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.broadcast_one_to_all(done))
 
 
 def spec_differences(old: dict, new: dict) -> str:

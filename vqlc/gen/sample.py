@@ -41,6 +41,7 @@ import numpy as np
 
 from vqlc import atomic_io, parallel
 from vqlc import tokenizer as tokenizer_lib
+from vqlc.data import shards
 from vqlc.eval import images as images_lib
 from vqlc.eval import metrics
 from vqlc.gen import generator as generator_lib
@@ -181,30 +182,10 @@ def _spec(config, tok, gen, num_samples: int) -> dict:
                           **gen.identity()}}
 
 
-def _check_or_write_spec(directory: str, spec: dict) -> None:
-    import json
-    path = os.path.join(directory, "spec.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != spec:
-            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-            raise ValueError(
-                f"{directory} holds samples made with other settings (differing: "
-                f"{', '.join(diff)}); use a fresh --workdir, or delete {directory} to start over.")
-    elif jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
-        atomic_io.atomic_write_json(path, spec, sort_keys=True)
-
-
 def _pending_batches(workdir: str, num_batches: int) -> np.ndarray:
-    """Batches without a complete shard, as process 0 sees them (every process runs the same
-    list: a process listing the folder after process 0 wrote a shard would skip it alone)."""
+    """Batches without a complete shard, as process 0 sees them (every process runs them)."""
     done = np.array([os.path.exists(shard_path(workdir, b)) for b in range(num_batches)])
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-    return np.flatnonzero(~done)
+    return np.flatnonzero(~shards.agreed_done(done))
 
 
 def run(config, workdir: str) -> dict:
@@ -228,12 +209,12 @@ def run(config, workdir: str) -> dict:
     gen = generator_lib.resolve(config.generator.kind).load(
         config, config.generator.workdir, tokenizer=tok, mesh=mesh)
     shard_dir = os.path.join(workdir, SHARD_DIR)
-    _check_or_write_spec(shard_dir, _spec(config, tok, gen, num_samples))
+    shards.check_or_write_spec(
+        os.path.join(shard_dir, "spec.json"), _spec(config, tok, gen, num_samples),
+        what="samples", remedy=f"Use a fresh --workdir, or delete {shard_dir} to start over.",
+        write=jax.process_index() == 0)
     os.makedirs(shard_dir, exist_ok=True)
-    if jax.process_index() == 0:  # writes cut short by a kill (only process 0 writes)
-        for name in os.listdir(shard_dir):
-            if ".tmp-" in name:
-                os.remove(os.path.join(shard_dir, name))
+    shards.remove_unfinished(shard_dir)  # writes cut short by a kill (only process 0 writes)
     png_dir = os.path.join(workdir, "samples_png") if s.png else None
     pending = _pending_batches(workdir, num_batches)
     writer = jax.process_index() == 0
