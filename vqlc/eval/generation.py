@@ -161,8 +161,8 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[np.ndarray]:
 def _read_image(path: str, resize) -> np.ndarray:
     import PIL.Image
     try:
-        with PIL.Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
+        with PIL.Image.open(path) as im:  # clean-fid's own decode (not sources.load_image's
+            image = np.asarray(im.convert("RGB"))  # EXIF turn and white alpha background)
     except Exception as e:  # noqa: BLE001 - say which file
         raise InputError(f"cannot read image {path!r}: {e}") from None
     return resize(image)

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from vqlc import atomic_io
 from vqlc.eval import metrics
 
 DEFAULT_DIR = "~/.cache/vqlc/fid_stats"
@@ -32,11 +33,8 @@ def entry_path(directory: str, what: dict) -> str:
 
 
 def save_arrays(path: str, **arrays) -> None:
-    """np.savez ``arrays`` to ``path`` atomically."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """An .npz of ``arrays`` at ``path``, through the one atomic writer."""
+    atomic_io.atomic_save_npz(path, arrays)
 
 
 def stats_arrays(stats: metrics.FeatureStatistics, prefix: str = "") -> Dict[str, np.ndarray]:
