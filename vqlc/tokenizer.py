@@ -26,19 +26,24 @@ from vqlc.eval.images import to_uint8
 from vqlc.models import build
 
 
+def _snap(model, z):
+    """Ids of the codes nearest to latents z (the quantizer's search, inference mode)."""
+    return model.quantizer(z, train=False).indices
+
+
 def _encode_indices(model, x):
-    return model.quantizer(model.encode(x), train=False).indices
+    return _snap(model, model.encode(x))
 
 
 def _encode_indices_and_latents(model, x):
     z = model.encode(x)
-    return model.quantizer(z, train=False).indices, z
+    return _snap(model, z), z
 
 
 def _snap_and_decode(model, z):
     # Through the indices, not z_q: z_q = z + sg(code - z) differs from the code by rounding,
     # and decode_latents must give exactly the images decode() gives for the same tokens.
-    return model.decode_code(model.quantizer(z, train=False).indices)
+    return model.decode_code(_snap(model, z))
 
 
 def encode_fn(model):
@@ -65,10 +70,6 @@ def decode_fn(model):
 def snap_fn(model):
     """(variables, latents [B, h, w, dim]) -> int32 ids of their nearest codes [B, h, w]."""
     return lambda variables, z: model.apply(variables, z, method=_snap)
-
-
-def _snap(model, z):
-    return model.quantizer(z, train=False).indices
 
 
 def decode_latents_fn(model):
