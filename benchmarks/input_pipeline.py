@@ -9,14 +9,14 @@ What is measured:
   loader  `vqlc.data.make_train_iterator` on an image folder of ImageNet-like JPEGs (500x375 and
           375x500, quality 90, cut from scikit-image's bundled colour photos with random crops,
           scales and flips, so files differ: natural images decode like ImageNet's, noise would
-          decode slower). configs/imagenet_lc.py's data settings with kind='folder': shorter side
+          decode slower). vqlc/configs/imagenet_lc.py's data settings with kind='folder': shorter side
           resized to 256 (PIL bicubic, antialiased), random 256x256 crop, float32 batches in
           [-1, 1], at the per-host batch --batch, for each num_workers in --workers. Images/s
           over --batches batches after one warm-up batch (which pays for the worker start-up;
           the folder scan is timed apart as "setup"). Also the CPU time the loader burns
           (this process plus its grain workers, via psutil) per image: images per CPU-core-second
           is the rate that does not depend on how loaded this shared machine is.
-  step    The f16 256-px model of configs/imagenet_lc.py (ch 128, ch_mult 1,1,2,2,4, LC
+  step    The f16 256-px model of vqlc/configs/imagenet_lc.py (ch 128, ch_mult 1,1,2,2,4, LC
           quantizer with a random frozen codebook [--codes, 768] and a linear projector to dim 8),
           the full jitted train step as the trainer runs it (L1 + LPIPS-VGG16 + 0.1 quantizer
           loss; with --gan on also the hinge GAN with the adaptive weight and the discriminator
@@ -169,7 +169,7 @@ def _config_override(gan: bool):
     """Makes train_step's JAX worker build its f16_gan setting with the GAN on or off.
 
     train_step.load_config('f16_gan', ...) sets disc_start = 0; for the pre-GAN step it is put
-    back to configs/imagenet_lc.py's value. Restored on exit.
+    back to vqlc/configs/imagenet_lc.py's value. Restored on exit.
     """
     original = ts.load_config
 
@@ -318,7 +318,7 @@ def main():
         start = time.perf_counter()
         count = make_folder(root, args.num_images)
         log(f"folder {root}: {count} JPEGs ({time.perf_counter() - start:.1f} s)")
-        config = ts.load_config("f16", args.codes, args.step_batch)  # configs/imagenet_lc.py
+        config = ts.load_config("f16", args.codes, args.step_batch)  # vqlc/configs/imagenet_lc.py
         data_cfg = config.data
         data_cfg.kind, data_cfg.path = "folder", root
         assert data_cfg.image_size == 256 and data_cfg.resize_shorter == 256

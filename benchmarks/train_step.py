@@ -14,12 +14,12 @@ VQLPIPSWithDiscriminator, with the `lpips` package's VGG16 LPIPS loaded with the
 weights (no download).
 
 Settings:
-  demo_nogan  configs/default.py exactly as the demo trains (its image size, batch, small model,
+  demo_nogan  vqlc/configs/default.py exactly as the demo trains (its image size, batch, small model,
               K and loss weights, e.g. perceptual_weight; GAN off). taming's loss computes the
               discriminator and the adaptive weight even before disc_start, so PyTorch is also run
               "lean" (L1 + LPIPS + quantizer only, what the JAX step computes before disc_start).
   demo_gan    the same with disc_start = 0.
-  f16_gan     configs/imagenet_lc.py geometry (f16, 256 px), K 16384 (--f16-codes), batch 8
+  f16_gan     vqlc/configs/imagenet_lc.py geometry (f16, 256 px), K 16384 (--f16-codes), batch 8
               (--f16-batch), full loss with the GAN on. Seconds to tens of seconds a step on CPU.
 
 Each framework runs in its own subprocess: JAX with this interpreter on one device, PyTorch with

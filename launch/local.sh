@@ -4,7 +4,7 @@
 # Usage:
 #   launch/local.sh N CONFIG WORKDIR [extra vqlc.main flags...]
 # Example (2 processes x 2 virtual CPU devices = one 4-device mesh):
-#   launch/local.sh 2 configs/default.py:tiny runs/local2 --config.train.num_steps=20
+#   launch/local.sh 2 vqlc/configs/default.py:tiny runs/local2 --config.train.num_steps=20
 #
 # Each process gets XLA_FLAGS=--xla_force_host_platform_device_count=$VQLC_LOCAL_DEVICES
 # (default 2) and VQLC_COORDINATOR_ADDRESS / VQLC_NUM_PROCESSES / VQLC_PROCESS_ID for a

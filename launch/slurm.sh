@@ -4,7 +4,7 @@
 # Usage, from the repository root (WORKDIR on a filesystem every node sees):
 #   one process per GPU (4 nodes x 8 GPUs = 32 processes):
 #     sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 launch/slurm.sh \
-#         configs/imagenet_lc.py runs/lc --config.codebook.path=runs/cb/codebook.npy
+#         vqlc/configs/imagenet_lc.py runs/lc --config.codebook.path=runs/cb/codebook.npy
 #   one process per node, driving all its GPUs:
 #     sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 launch/slurm.sh CONFIG WORKDIR ...
 #   inside an allocation (salloc ...): the same arguments, without sbatch.

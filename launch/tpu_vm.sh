@@ -4,7 +4,7 @@
 # Usage, from any machine with gcloud:
 #   launch/tpu_vm.sh TPU_NAME ZONE CONFIG WORKDIR [vqlc.main flags...]
 # Example:
-#   launch/tpu_vm.sh my-v4-32 us-central2-b configs/imagenet_lc.py /mnt/shared/runs/lc \
+#   launch/tpu_vm.sh my-v4-32 us-central2-b vqlc/configs/imagenet_lc.py /mnt/shared/runs/lc \
 #       --config.codebook.path=/mnt/shared/runs/cb/codebook.npy
 #
 # Every worker needs the repository at VQLC_REPO_DIR (default: vqlc, relative to the home

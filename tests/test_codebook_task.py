@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import codebook_ffhq, codebook_imagenet
+from vqlc.configs import codebook_ffhq, codebook_imagenet
 from vqlc.codebook import features, frozen, kmeans, task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

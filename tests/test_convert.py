@@ -33,7 +33,7 @@ def _run_cli(*args):
 
 
 def _config(**extra):
-    from configs import default
+    from vqlc.configs import default
     c = default.get_config("tiny")
     for key, value in {**OVERRIDES, **extra}.items():
         section, field = key.split(".")

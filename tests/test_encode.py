@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tiny_tokenizer
-from configs import encode_demo
+from vqlc.configs import encode_demo
 from vqlc import encode_task, parallel
 from vqlc.data import encoded, sources, transforms
 from vqlc.tokenizer import Tokenizer
@@ -187,7 +187,7 @@ def test_bad_settings_fail_before_any_work(tokdir):
             encode_task.check_config(_config(tokdir, **overrides))
     with pytest.raises(ValueError, match="data.image_size=0"):
         encode_task.data_config(_config(tokdir, **{"data.image_size": 32}), 16)
-    from configs import encode_imagenet
+    from vqlc.configs import encode_imagenet
     for arg in ("", "ten_crop"):
         c = encode_imagenet.get_config(arg)
         c.tokenizer.workdir = tokdir

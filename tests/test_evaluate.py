@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc import parallel
 from vqlc.data import make_eval_iterator, make_eval_source_iterator
 from vqlc.eval import evaluator, metrics

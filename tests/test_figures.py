@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc import figures
 from vqlc.eval import analysis, images as image_io, metrics
 from vqlc.train import reporting, trainer

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc import parallel
 from vqlc.train import trainer
 from vqlc.train.state import SHARDED_FIELDS

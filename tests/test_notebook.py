@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

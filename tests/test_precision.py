@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc import config_io, parallel
 from vqlc.data import make_train_iterator
 from vqlc.models import build

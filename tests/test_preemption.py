@@ -31,7 +31,6 @@ TIMEOUT = 400  # seconds for one run on a loaded 2-core machine
 DRIVER = '''
 import hashlib, os, sys, time
 import numpy as np
-from absl import app
 from orbax.checkpoint._src.path import atomicity
 from vqlc import checkpoint, parallel
 from vqlc import main as vqlc_main
@@ -68,8 +67,7 @@ async def finalize(self):  # the commit of a save: everything is written, nothin
 if __name__ == "__main__":  # not in grain's worker processes, which import this module
     checkpoint.restore_latest, parallel.global_batch = restore_latest, global_batch
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    sys.argv[0] = "vqlc.main"
-    app.run(vqlc_main.main)
+    sys.exit(vqlc_main.main(sys.argv[1:]))
 '''
 
 
@@ -259,7 +257,11 @@ def test_resumed_run_drops_the_metrics_of_redone_steps(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (2, 4, 6, 8)]
     path.write_text("".join(lines) + '{"step": 10, "lo')  # killed mid-write
     assert [r["step"] for r in reporting.read_metrics(str(tmp_path))] == [2, 4, 6, 8]
-    reporting._drop_records_after(str(path), 6)  # the checkpoint the run resumes from
+    reporting.MetricsFile(str(path), 6).close()  # the checkpoint the run resumes from
     assert path.read_text() == "".join(lines[:3])
-    reporting._drop_records_after(str(path), 6)  # nothing to drop: file untouched
-    assert path.read_text() == "".join(lines[:3])
+    mtime = path.stat().st_mtime_ns
+    metrics = reporting.MetricsFile(str(path), 6)  # nothing to drop: file untouched
+    assert path.stat().st_mtime_ns == mtime
+    metrics.append({"step": 8, "loss": 0.5})
+    metrics.close()
+    assert [r["step"] for r in reporting.read_metrics(str(tmp_path))] == [2, 4, 6, 8]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import sample_demo
+from vqlc.configs import sample_demo
 from tests import tiny_tokenizer
 from vqlc import Tokenizer, parallel
 from vqlc.data import pipeline

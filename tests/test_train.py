@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc import parallel
 from vqlc.train import reporting, trainer
 

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from configs import default as default_config
+from vqlc.configs import default as default_config
 from vqlc import checkpoint, config_io, parallel
 
 STEP = 3

@@ -1,6 +1,11 @@
 """vqlc: VQGAN-LC image tokenizer in JAX/Flax."""
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # the one version is pyproject.toml's, as installed
+    __version__ = _metadata.version("vqlc")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name):

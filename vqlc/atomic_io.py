@@ -8,13 +8,12 @@ direct write is already all-or-nothing. Parent directories are created.
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 from etils import epath
 
-
-def is_remote(path) -> bool:
-    return "://" in str(path)
+from vqlc.storage import is_remote
 
 
 def write_bytes(path, data: bytes) -> None:
@@ -99,8 +98,9 @@ def atomic_save_npz(path, arrays: dict) -> None:
                         rows += len(chunk)
                     if rows != value.shape[0]:
                         raise ValueError(f"{name}: {rows} rows written, {value.shape[0]} declared.")
-        if is_remote(path):
-            epath.Path(tmp).copy(path, overwrite=True)
+        if is_remote(path):  # streamed up from the local temporary (not whole in memory)
+            with open(tmp, "rb") as src, path.open("wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 24)
         else:
             os.replace(tmp, path)
     finally:

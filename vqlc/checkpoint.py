@@ -5,14 +5,16 @@ killed during a save (kill -9, a lost node) still has its previous checkpoint in
 half-written temporary directory it leaves is removed, and logged, when the next run starts.
 """
 import logging
-import os
-import shutil
 
-import grain
 import jax
-import orbax.checkpoint as ocp
 
-from vqlc import rundir
+from vqlc import extras
+
+with extras.needed("train", "checkpoints"):
+    import grain
+    import orbax.checkpoint as ocp
+
+from vqlc import rundir, storage
 
 STATE, DATA = "state", "data"
 # Orbax's in-progress save directories: <step>.orbax-checkpoint-tmp[-<timestamp>].
@@ -33,13 +35,13 @@ def remove_unfinished_saves(directory: str) -> list[str]:
     process killed mid-save); returns their names there. Orbax never restores from them, but each holds up to a
     full checkpoint's bytes, and orbax itself removes one only when it saves that step again."""
     removed = []
-    if jax.process_index() == 0 and os.path.isdir(directory):
-        removed = sorted(n for n in os.listdir(directory) if _TMP_MARK in n)
+    if jax.process_index() == 0:
+        removed = [n for n in storage.listdir(directory) if _TMP_MARK in n]
         for name in removed:
             logging.warning("Removing %s: an unfinished checkpoint save (the process was killed "
                             "while writing it); resuming from the last complete one.",
-                            os.path.join(directory, name))
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+                            rundir.join(directory, name))
+            storage.remove(rundir.join(directory, name))
     # Every process, unconditionally (what the others see of the directory can differ while
     # process 0 creates or cleans it): nobody saves before process 0 has cleaned up.
     if jax.process_count() > 1:
@@ -74,7 +76,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     check_matches(manager, step, target)
     items = {STATE: ocp.args.StandardRestore(target)}
-    has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), DATA))
+    has_data = storage.isdir(rundir.join(manager.directory, str(step), DATA))
     if data_iterator is not None and _has_grain_state(data_iterator) and has_data:
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -129,10 +131,8 @@ def check_matches(manager: ocp.CheckpointManager, step: int, target) -> None:
 def completed_steps(checkpoint_dir: str) -> list[int]:
     """Steps with a complete save in `checkpoint_dir` (orbax renames a save's directory to its
     bare step number only when it is complete), oldest first; reads only."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    return sorted(int(n) for n in os.listdir(checkpoint_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n, STATE)))
+    return sorted(int(n) for n in storage.listdir(checkpoint_dir)
+                  if n.isdigit() and storage.isdir(rundir.join(checkpoint_dir, n, STATE)))
 
 
 def restore_subtrees(checkpoint_dir: str, targets: dict, step: int | None = None):
@@ -148,7 +148,7 @@ def restore_subtrees(checkpoint_dir: str, targets: dict, step: int | None = None
     if step not in steps:
         raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir!r}; it holds "
                                 f"steps {steps}.")
-    path = os.path.join(checkpoint_dir, str(step), STATE)
+    path = rundir.join(checkpoint_dir, str(step), STATE)
     checkpointer = ocp.PyTreeCheckpointer()
     stored = _shapes_by_path(checkpointer.metadata(path).item_metadata.tree)
     wanted = _shapes_by_path(targets)

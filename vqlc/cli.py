@@ -9,14 +9,19 @@ everywhere.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
-# What a command raises for bad input it could not have caught earlier: reported, not traced.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+from vqlc import extras
+
+# What a command raises for bad input it could not have caught earlier (or for an optional
+# package that is not installed): reported in one line, not traced.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               extras.MissingExtra)
 
 
 def new_flags() -> flags.FlagValues:
@@ -70,7 +75,10 @@ def parse(fv: flags.FlagValues, argv: Sequence[str], prog: str, doc: str = "") -
     """Parses `argv` (without the program name) into `fv`; returns the positional arguments.
     Flag names may use dashes or underscores.
     --help prints `doc` and the flags and exits 0; a bad flag exits 2."""
-    argv = [_underscored(a) for a in argv]
+    try:
+        argv = [_config_by_name(_underscored(a)) for a in argv]
+    except ValueError as e:
+        usage_error(prog, str(e), fv)
     if any(a in ("-h", "--help", "--helpfull", "-help") for a in argv):
         print((doc or "").strip() + "\n\nflags:\n" + fv.get_help())
         raise SystemExit(0)
@@ -78,6 +86,34 @@ def parse(fv: flags.FlagValues, argv: Sequence[str], prog: str, doc: str = "") -
         return fv([prog, *argv])[1:]
     except flags.Error as e:
         usage_error(prog, str(e), fv)
+    except extras.MissingExtra as e:  # a config that imports an optional package
+        usage_error(prog, str(e))
+
+
+def config_names() -> list[str]:
+    """The configs shipped in vqlc/configs, by the names --config accepts."""
+    import vqlc.configs
+    folder = os.path.dirname(vqlc.configs.__file__)
+    return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n[0] != "_")
+
+
+def _config_by_name(arg: str) -> str:
+    """--config=<name>[:variant] (a config shipped in vqlc/configs, so that an installed
+    package runs it) becomes that file's path; a path (with a '/' or '.py') stays."""
+    for prefix in ("--config=", "-config="):
+        if arg.startswith(prefix):
+            value = arg[len(prefix):]
+            name, sep, variant = value.partition(":")
+            if not name or "/" in name or os.sep in name or name.endswith(".py"):
+                return arg
+            if name not in config_names():
+                raise ValueError(
+                    f"--config={value}: no config named {name!r}; shipped configs: "
+                    f"{', '.join(config_names())} (or give a file path).")
+            import vqlc.configs
+            path = os.path.join(os.path.dirname(vqlc.configs.__file__), name + ".py")
+            return f"{prefix}{path}{sep}{variant}"
+    return arg
 
 
 def parse_subcommand(positional: Sequence[str], choices: Sequence[str], prog: str) -> str:

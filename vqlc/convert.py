@@ -1,11 +1,11 @@
 """Convert the authors' released VQGAN-LC PyTorch checkpoints into a vqlc workdir, without torch.
 
-    python -m vqlc.convert --config=configs/imagenet_lc.py \\
+    python -m vqlc.convert --config=imagenet_lc \\
         --src=vqgan-lc-100K-f16-dim8.pth --dst=runs/lc_release
-    python -m vqlc.convert --config=configs/imagenet_lc.py:f8 \\
+    python -m vqlc.convert --config=imagenet_lc:f8 \\
         --src=vqgan-lc-100K-f8-dim4.pth --dst=runs/lc_release_f8
     # a checkpoint without the codebook inside, or a 16,384-code one:
-    python -m vqlc.convert --config=configs/imagenet_lc.py --src=<pth> --dst=<dir> \\
+    python -m vqlc.convert --config=imagenet_lc --src=<pth> --dst=<dir> \\
         --codebook=codebook-100K.pth [--config.quantizer.codebook_size=16384]
 
 then `vqlc.Tokenizer.load(<dst>)` (or `python -m vqlc.main --config=...:eval --workdir=<dst>`).
@@ -55,8 +55,8 @@ RELEASE_KEY_MAP: Mapping[str, Tuple[Optional[str], Optional[str]]] = {
 
 _CODEBOOK_PART = "codebook"
 _CONFIG_HINT = (
-    "The release's f16 dim-8 model is --config=configs/imagenet_lc.py, the f8 dim-4 one "
-    "--config=configs/imagenet_lc.py:f8; a checkpoint with another codebook size needs "
+    "The release's f16 dim-8 model is --config=imagenet_lc, the f8 dim-4 one "
+    "--config=imagenet_lc:f8; a checkpoint with another codebook size needs "
     "--config.quantizer.codebook_size=<K> (e.g. 16384), another codebook width "
     "--config.codebook.feature_dim=<D>.")
 
@@ -292,7 +292,7 @@ def _check_like(state, expected) -> None:
 
 PROG = "vqlc.convert"
 FLAGS = cli.new_flags()
-_CONFIG = cli.define_config(FLAGS, "Python config file (e.g. configs/imagenet_lc.py) matching "
+_CONFIG = cli.define_config(FLAGS, "Python config file (e.g. vqlc/configs/imagenet_lc.py) matching "
                                    "the checkpoint.")
 _SRC = flags.DEFINE_string("src", None, "The release's .pth checkpoint.", flag_values=FLAGS)
 _DST = flags.DEFINE_string("dst", None, "New vqlc workdir to write.", flag_values=FLAGS)

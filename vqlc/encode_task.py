@@ -1,6 +1,6 @@
 """The `encode` task: a trained tokenizer over a dataset -> resumable shards of tokens / latents.
 
-    python -m vqlc.main --config=configs/encode_imagenet.py --workdir=runs/in_tokens \\
+    python -m vqlc.main --config=encode_imagenet --workdir=runs/in_tokens \\
         --config.tokenizer.workdir=runs/lc
 
 Writes ``<workdir>/manifest.json`` and ``<workdir>/shards/shard_XXXXX.npz`` (layout: see
@@ -32,12 +32,16 @@ import logging
 import os
 import time
 
-import grain
 import jax
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, parallel
+from vqlc import extras
+
+with extras.needed("train"):
+    import grain
+
+from vqlc import atomic_io, parallel, storage
 from vqlc.data import encoded, pipeline, shards, sources, transforms
 
 WHATS = ("codes", "latents", "both")
@@ -250,7 +254,7 @@ def run(config, workdir: str) -> dict:
     directory = os.path.join(workdir, encoded.SHARDS_DIR)
     num_shards = manifest["num_shards"]
     if first:
-        os.makedirs(directory, exist_ok=True)
+        storage.makedirs(directory)
     shards.remove_unfinished(directory)
     done = np.zeros(num_shards, bool)
     done[[s for s in encoded.completed_shards(directory) if s < num_shards]] = True
@@ -292,7 +296,8 @@ def _encode_shards(tok, config, data, source, directory, pending, num_images) ->
     bar = None
     total = sum(len(shards.shard_range(s, num_images, e.images_per_shard)) for s in pending)
     if e.progress and first:
-        import tqdm
+        with extras.needed("train", "the progress bar"):
+            import tqdm
         bar = tqdm.tqdm(total=total, unit="img", dynamic_ncols=True, desc="encode")
     start, written, last_log = time.time(), 0, time.time()
     iterator = iter(ds)

@@ -1,4 +1,5 @@
-"""Entry point: python -m vqlc.main --config=configs/<name>.py --workdir=<dir> [--config.x.y=v]
+"""Entry point: python -m vqlc.main --config=<name>[:variant] --workdir=<dir> [--config.x.y=v]
+(or the `vqlc` console script; --config also takes a config file path)
 
 Multi-process runs (several hosts, or N processes on one machine): see launch/ and
 vqlc/distributed.py; every process runs this same command.
@@ -7,10 +8,9 @@ that is imported only when chosen. The config is locked: overriding a field that
 exist is an error, not a new field.
 """
 import importlib
+import sys
 
-from absl import app, flags
-
-from vqlc import cli
+from vqlc import cli, extras
 
 TASKS = {
     "codebook": "vqlc.codebook.task:run",  # features + k-means -> codebook.npy
@@ -20,32 +20,51 @@ TASKS = {
     "sample": "vqlc.gen.sample:run",  # a generator's samples -> samples.npz (ADM layout)
 }
 
-_CONFIG = cli.define_config(flags.FLAGS)
-_WORKDIR = cli.define_workdir(flags.FLAGS)
-_DISTRIBUTED = cli.define_distributed(flags.FLAGS)
+PROG = "vqlc.main"
+
+
+def _flags():
+    fv = cli.new_flags()
+    return fv, cli.define_config(fv), cli.define_workdir(fv), cli.define_distributed(fv)
 
 
 def task_function(name: str):
     """The `run` function of task `name` (imported now)."""
     if name not in TASKS:
-        raise app.UsageError(f"config.task={name!r}; valid tasks: {', '.join(TASKS)}.")
+        raise ValueError(f"config.task={name!r}; valid tasks: {', '.join(TASKS)}.")
     module, function = TASKS[name].split(":")
     return getattr(importlib.import_module(module), function)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv=None) -> int:
+    """`python -m vqlc.main` and the `vqlc` console script: parses `argv` (default
+    sys.argv[1:]) and runs the config's task."""
+    argv = sys.argv[1:] if argv is None else argv
+    fv, config_flag, workdir_flag, distributed_flag = _flags()
+    positional = cli.parse(fv, argv, PROG, __doc__)
+    if positional:
+        cli.usage_error(PROG, f"unexpected arguments: {positional}", fv)
     cli.setup_logging()
     from vqlc import distributed
-    distributed.initialize(_DISTRIBUTED.value)  # before any JAX computation, for every task
+    distributed.initialize(distributed_flag.value)  # before any JAX computation, every task
     import jax
-    config = _CONFIG.value
-    run = task_function(config.task)
-    results = run(config, _WORKDIR.value)
+    try:
+        config = config_flag.value
+        task = config.task  # a config that failed to load raises on first use
+    except OSError as e:  # a config file that is missing or does not load
+        cli.usage_error(PROG, " ".join(str(e).split()), fv)
+    try:
+        run = task_function(task)
+    except cli.USER_ERRORS as e:
+        cli.usage_error(PROG, str(e), fv)
+    try:  # a task's own errors keep their traceback; a missing optional package is one line
+        results = run(config, workdir_flag.value)
+    except extras.MissingExtra as e:
+        cli.usage_error(PROG, str(e))
     if results is not None and jax.process_index() == 0:
         print("\n".join(f"  {k}: {v}" for k, v in results.items() if k != "protocol"))
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -13,16 +13,14 @@ functions instead: `encode_fn(model)(variables, x)` etc., on jax.Arrays with ima
 """
 import hashlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlc import checkpoint, config_io, parallel, rundir
+from vqlc import config_io, parallel, rundir, storage
 from vqlc.codebook import frozen as frozen_codebook
-from vqlc.data.transforms import to_float
-from vqlc.eval.images import to_uint8
+from vqlc.eval.images import to_float, to_uint8
 from vqlc.models import build
 
 
@@ -84,11 +82,15 @@ def config_hash(config) -> str:
                           .encode()).hexdigest()[:16]
 
 
-def inference_variables(config, workdir: str, mesh, step: int | None = None):
-    """(model, variables, step): the generator's parameters, EMA codebook statistics and frozen
-    LC codebook of a training workdir, replicated on `mesh`. Reads only: no optimiser or
-    discriminator is built, nothing is written, and a missing codebook is an error (never
-    rebuilt here)."""
+# The variable collections training leaves in a checkpoint (and an export's model.safetensors);
+# any other one a model has (the LC quantizer's 'frozen' codebook) is filled from its codebook.
+TRAINED_COLLECTIONS = ("params", "ema")
+
+
+def inference_shapes(config):
+    """(model, trained, frozen): the model `config` builds, the shapes of its trained variable
+    collections (TRAINED_COLLECTIONS it has) and of the rest (the LC quantizer's frozen codebook;
+    {} for other quantizers). Nothing is computed: shapes only."""
     model = build.tokenizer_from_config(config)
     size = config.data.image_size
     shapes = jax.eval_shape(lambda: model.init(
@@ -96,27 +98,44 @@ def inference_variables(config, workdir: str, mesh, step: int | None = None):
         jnp.zeros((1, size, size, 3), jnp.float32), train=False))
     shapes = dict(shapes)
     shapes.pop("intermediates", None)
+    trained = {k: shapes.pop(k) for k in TRAINED_COLLECTIONS if shapes.get(k)}
+    frozen = {k: v for k, v in shapes.items() if v}
+    return model, trained, frozen
+
+
+def place_frozen(frozen, codes: np.ndarray, mesh) -> dict:
+    """The frozen collections (`frozen`, shapes from inference_shapes) holding the codebook
+    `codes`, replicated on `mesh`: one device copy however many leaves name it."""
+    if not frozen:
+        return {}
+    codes = jax.device_put(codes, parallel.replicated(mesh))
+    return jax.tree.map(lambda _: codes, frozen)
+
+
+def inference_variables(config, workdir: str, mesh, step: int | None = None):
+    """(model, variables, step): the generator's parameters, EMA codebook statistics and frozen
+    LC codebook of a training workdir, replicated on `mesh`. Reads only: no optimiser or
+    discriminator is built, nothing is written, and a missing codebook is an error (never
+    rebuilt here)."""
+    model, trained, frozen = inference_shapes(config)
     replicated = parallel.replicated(mesh)
-    targets = {"g_params": shapes.pop("params")}
-    if shapes.get("ema"):
-        targets["ema"] = shapes.pop("ema")
-    shapes.pop("ema", None)
+    # The train state names the generator's parameters 'g_params'.
+    targets = {"g_params" if k == "params" else k: v for k, v in trained.items()}
     targets = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                            targets)
+    from vqlc import checkpoint  # orbax: the [train] extra
     restored, step = checkpoint.restore_subtrees(
         rundir.checkpoints(workdir), targets, step)
-    variables = {"params": restored["g_params"], **({"ema": restored["ema"]}
-                                                    if "ema" in restored else {})}
-    if shapes:  # the LC quantizer's frozen codebook, kept once in the workdir
+    variables = {"params" if k == "g_params" else k: v for k, v in restored.items()}
+    if frozen:  # the LC quantizer's frozen codebook, kept once in the workdir
         path = rundir.codebook(workdir)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise FileNotFoundError(
                 f"{path!r} not found: an LC tokenizer's frozen codebook is stored there by the "
                 "run that trained it. Copy the codebook.npy the run used into the workdir.")
         codes = frozen_codebook.load_codebook(path, config.quantizer.codebook_size,
                                               config.codebook.feature_dim)
-        codes = jax.device_put(codes, replicated)
-        variables.update(jax.tree.map(lambda _: codes, shapes))
+        variables.update(place_frozen(frozen, codes, mesh))
     return model, variables, step
 
 
@@ -128,7 +147,7 @@ class Tokenizer:
         self.model = model
         self.variables = variables
         self.step = step
-        self.workdir = None if workdir is None else os.path.abspath(workdir)
+        self.workdir = None if workdir is None else rundir.absolute(workdir)
         self.mesh = parallel.make_mesh(1) if mesh is None else mesh
         out = parallel.batch_sharded(self.mesh)
         self._encode = jax.jit(encode_fn(model), out_shardings=out)
@@ -148,6 +167,20 @@ class Tokenizer:
         mesh = parallel.make_mesh(1) if mesh is None else mesh
         model, variables, step = inference_variables(config, workdir, mesh, step)
         return cls(config, model, variables, step, mesh=mesh, workdir=workdir)
+
+    @classmethod
+    def from_pretrained(cls, directory_or_hub_id: str, *, mesh=None) -> "Tokenizer":
+        """A tokenizer exported by save_pretrained (or `python -m vqlc.pretrained`): a local or
+        gs:// directory, or a Hugging Face Hub id "owner/name" (the [hub] extra). Needs only
+        the core install; identity() is the exported run's, so its datasets stay usable."""
+        from vqlc import pretrained  # pretrained imports this module, not the reverse
+        return pretrained.load(directory_or_hub_id, mesh=mesh)
+
+    def save_pretrained(self, directory: str) -> dict[str, int]:
+        """Writes config.json, model.safetensors and (LC) codebook.safetensors to `directory`
+        for from_pretrained; returns {path: bytes written}. See vqlc.pretrained.save."""
+        from vqlc import pretrained
+        return pretrained.save(self, directory)
 
     def identity(self) -> dict:
         """Which tokenizer this is: recorded next to datasets and samples made with it."""

@@ -29,10 +29,14 @@ import shutil
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vqlc import extras
+
+with extras.needed("train"):
+    import grain
 
 from vqlc import atomic_io, parallel
 from vqlc.data import shards, transforms
@@ -262,7 +266,8 @@ def _run(backbone, source, directory, pending, num_images, images_per_shard, poo
     start, images_done, last_log = time.time(), 0, time.time()
     bar = None
     if progress:
-        import tqdm
+        with extras.needed("train", "the progress bar"):
+            import tqdm
         bar = tqdm.tqdm(total=len(indices), unit="img", dynamic_ncols=True, desc="features")
     iterator = iter(ds)
     try:

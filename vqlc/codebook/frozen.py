@@ -4,12 +4,11 @@ The workdir keeps one copy, <workdir>/codebook.npy, written once; checkpoints do
 Building one (the codebook task, or a recipe nested in a tokenizer config) is
 vqlc.codebook.task's job.
 """
-import os
 
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, rundir
+from vqlc import atomic_io, rundir, storage
 
 WORKDIR_FILE = rundir.CODEBOOK
 INFO_FILE = rundir.CODEBOOK_INFO
@@ -20,16 +19,16 @@ def load_codebook(path: str, codebook_size: int, feature_dim: int) -> np.ndarray
     if not path:
         raise ValueError(
             "quantizer.kind='lc' needs a frozen codebook: set --config.codebook.path=<file.npy> "
-            "(float32 [K, D], e.g. from configs/codebook_imagenet.py), or "
+            "(float32 [K, D], e.g. from vqlc/configs/codebook_imagenet.py), or "
             "--config.codebook.build=task with a codebook.task config to build one from the "
             "training data.")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"Codebook file not found: {path!r}. Build one with the codebook task "
-            "(python -m vqlc.main --config=configs/codebook_imagenet.py --workdir=<dir>) "
+            "(python -m vqlc.main --config=codebook_imagenet --workdir=<dir>) "
             "or point --config.codebook.path at an existing float32 [K, D] .npy file.")
     try:
-        codes = np.load(path, mmap_mode="r", allow_pickle=False)
+        codes = storage.load_npy(path, mmap=True)
     except (ValueError, OSError, EOFError) as e:  # pickles, text, truncated files
         raise ValueError(f"Codebook {path!r} is not a readable .npy array file ({e}); it must "
                          "hold a float32 [K, D] array (numpy.save).") from e
@@ -60,7 +59,7 @@ def check_codebook(config: ml_collections.ConfigDict, workdir: str) -> None:
     if q.kind != "lc":
         return
     target = rundir.codebook(workdir)
-    if os.path.exists(target):
+    if storage.exists(target):
         stored = load_codebook(target, q.codebook_size, cb.feature_dim)
         if cb.path and not np.array_equal(
                 stored, load_codebook(cb.path, q.codebook_size, cb.feature_dim)):
@@ -75,7 +74,7 @@ def check_codebook(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ValueError(f"codebook.build={cb.build!r} is unknown; valid: '', 'task'.")
     elif cb.build == "task" and not cb.task:
         raise ValueError("codebook.build='task' needs a codebook-task config in codebook.task "
-                         "(e.g. vqlc.codebook.recipes.vgg16_demo(), as configs/default.py).")
+                         "(e.g. vqlc.codebook.recipes.vgg16_demo(), as vqlc/configs/default.py).")
     elif not cb.build:
         load_codebook(cb.path, q.codebook_size, cb.feature_dim)  # raises the 'set a path' error
 

@@ -8,7 +8,7 @@ def vgg16_demo(tiny: bool = False) -> ml_collections.ConfigDict:
     features, stride 4 = one 256-d feature per f4 token, of 1,024 random 32 px training crops
     (the tokenizer's own crop, seeded per image); k-means++ then 30 Lloyd steps to 512 centres,
     rescaled to unit mean feature norm (so codes start at the scale of the projector's init).
-    `tiny`: the seconds-long version the tests run (configs/default.py:tiny's sizes)."""
+    `tiny`: the seconds-long version the tests run (vqlc/configs/default.py:tiny's sizes)."""
     from vqlc.codebook import task
     c = task.base_config()
     c.data.kind = "demo"

@@ -1,6 +1,6 @@
 """The `codebook` task: patch features of a dataset -> k-means -> <workdir>/codebook.npy (+ .json).
 
-    python -m vqlc.main --config=configs/codebook_imagenet.py --workdir=runs/cb \\
+    python -m vqlc.main --config=codebook_imagenet --workdir=runs/cb \\
         --config.clip.path=<HF snapshot folder or ViT-L-14.pt>
 
 Stages: (1) features streamed to ``<workdir>/features/`` shards (resumable; see features.py);
@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, rundir
+from vqlc import atomic_io, rundir, storage
 from vqlc.codebook import backbones
 from vqlc.codebook import features as features_lib
 from vqlc.codebook import frozen
@@ -155,6 +155,13 @@ def make_codebook(config, features_dir: str, backbone=None) -> tuple[np.ndarray,
     check_config(config)
     start = time.time()
     f, k = config.features, config.kmeans
+    if k.mode != "random_init" and storage.is_remote(features_dir):
+        raise ValueError(
+            f"The codebook task's features go to {features_dir!r}, a bucket: feature shards are "
+            "memory-mapped during k-means, so they need a local (or network-mounted) folder. "
+            "Set --config.features.dir (or, for a tokenizer run, "
+            "--config.codebook.task.features.dir) to one; the codebook itself can still be "
+            "written to a gs:// workdir.")
     if backbone is None:
         backbone = backbones.make_backbone(config)
     pooled_grid = features_lib.check_pool(backbone.grid_size, f.pool)
@@ -275,7 +282,7 @@ def _inertia(shards, codes, scale: float, max_rows: int, seed: int):
 def build_codebook(config, workdir: str) -> dict:
     """The codebook task: writes <workdir>/codebook.npy (float32 [K, D]) and codebook.json."""
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     start = time.time()
     features_dir = config.features.dir or rundir.features(workdir)
     codes, info = make_codebook(config, features_dir)
@@ -314,9 +321,9 @@ def prepare_tokenizer_codebook(config, workdir: str) -> np.ndarray:
     when present (a resumed run), else copied from codebook.path, else built with the nested
     codebook task (codebook.build='task'; its features kept in <workdir>/codebook_features/)."""
     q, cb = config.quantizer, config.codebook  # validated by frozen.check_codebook
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     target = rundir.codebook(workdir)
-    if os.path.exists(target):
+    if storage.exists(target):
         return frozen.load_codebook(target, q.codebook_size, cb.feature_dim)
     if cb.path:
         codes = frozen.load_codebook(cb.path, q.codebook_size, cb.feature_dim)

@@ -15,17 +15,18 @@ Layout of an encode workdir::
 A shard appears only when complete (written under a hidden temporary name and renamed).
 ``EncodedDataset`` is a grain ``RandomAccessDataSource`` over all shards: shards are uncompressed
 .npz files whose arrays it memory-maps, so opening costs nothing and a random row reads only that
-row.
+row. A workdir in a bucket (gs://) cannot be memory-mapped: its shards are read into memory, the
+whole dataset once opened; copy it to a local disk when it is larger than host memory.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import struct
 import zipfile
 
 import numpy as np
+
+from vqlc import rundir, storage
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -42,22 +43,21 @@ def shard_file(shard: int) -> str:
 def completed_shards(directory: str) -> dict[int, str]:
     """Shard index -> path of every complete shard in ``directory`` (temporaries ignored)."""
     done = {}
-    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+    for name in storage.listdir(directory):
         match = _SHARD_RE.match(name)
         if match:
-            done[int(match.group(1))] = os.path.join(directory, name)
+            done[int(match.group(1))] = rundir.join(directory, name)
     return done
 
 
 def read_manifest(workdir: str) -> dict:
-    path = os.path.join(workdir, MANIFEST_FILE)
-    if not os.path.exists(path):
+    path = rundir.join(workdir, MANIFEST_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {workdir!r} is not a dataset written by the encode task "
             "(python -m vqlc.main --config=configs/encode_<...>.py --workdir=<dir> "
             "--config.tokenizer.workdir=<tokenizer run>).")
-    with open(path) as f:
-        return json.load(f)
+    return storage.read_json(path)
 
 
 def _identity(tokenizer) -> dict:
@@ -76,7 +76,7 @@ def check_tokenizer(recorded: dict, expected, where: str) -> None:
     checkpoint step: other weights give other tokens even under the same config."""
     expected = _identity(expected)
     keys = ["config_hash", "workdir"] + (["step"] if expected.get("step") is not None else [])
-    norm = lambda k, v: os.path.abspath(v) if k == "workdir" and v else v  # noqa: E731
+    norm = lambda k, v: rundir.absolute(v) if k == "workdir" and v else v  # noqa: E731
     if any(norm(k, recorded.get(k)) != norm(k, expected.get(k)) for k in keys):
         raise ValueError(
             f"{where} was encoded by tokenizer {describe_tokenizer(recorded)}, not by the "
@@ -87,6 +87,9 @@ def check_tokenizer(recorded: dict, expected, where: str) -> None:
 
 def _npz_memmaps(path: str) -> dict[str, np.ndarray]:
     """Read-only memory maps of the arrays of an uncompressed .npz (np.savez), no copy."""
+    if storage.is_remote(path):
+        with np.load(storage.local_file(path)) as archive:
+            return {name: archive[name] for name in archive.files}
     out = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
         for info in archive.infolist():
@@ -137,7 +140,7 @@ class EncodedDataset:
                              f"reader reads format {FORMAT}.")
         if expect_tokenizer is not None:
             check_tokenizer(self.manifest["tokenizer"], expect_tokenizer, workdir)
-        directory = os.path.join(workdir, SHARDS_DIR)
+        directory = rundir.join(workdir, SHARDS_DIR)
         done = completed_shards(directory)
         count = self.manifest["num_shards"]
         missing = [s for s in range(count) if s not in done]

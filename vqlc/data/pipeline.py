@@ -21,8 +21,12 @@ from __future__ import annotations
 import math
 import signal
 
-import grain
 import numpy as np
+
+from vqlc import extras
+
+with extras.needed("train"):
+    import grain
 
 from vqlc.data import sources
 from vqlc.data import transforms

@@ -9,12 +9,12 @@ shards records what produced them; a re-run with other settings is refused rathe
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
+from etils import epath
 
-from vqlc import atomic_io
+from vqlc import atomic_io, rundir, storage
 
 
 def shard_range(shard: int, num_items: int, per_shard: int) -> range:
@@ -29,11 +29,11 @@ def num_shards(num_items: int, per_shard: int) -> int:
 def remove_unfinished(directory: str) -> None:
     """Deletes (on process 0, the one that writes) the temporary files of shard writes a kill
     cut short (atomic_io's hidden `.<name>.tmp-<pid>`, or any other `*.tmp-*`)."""
-    if jax.process_index() != 0 or not os.path.isdir(directory):
+    if jax.process_index() != 0:
         return
-    for name in os.listdir(directory):
+    for name in storage.listdir(directory):
         if ".tmp-" in name:
-            os.remove(os.path.join(directory, name))
+            storage.remove(rundir.join(directory, name))
 
 
 def agreed_done(done: np.ndarray) -> np.ndarray:
@@ -60,14 +60,12 @@ def check_or_write_spec(path: str, spec: dict, *, what: str, remedy: str,
     ``what`` names what the folder holds, ``remedy`` says what to do; both go into the error.
     ``write=False`` only checks (e.g. processes other than the one that writes).
     """
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if storage.exists(path):
+        old = storage.read_json(path)
         diffs = spec_differences(old, spec)
         if diffs:
-            raise ValueError(f"{os.path.dirname(path) or '.'} holds {what} written with other "
+            raise ValueError(f"{epath.Path(path).parent} holds {what} written with other "
                              f"settings ({diffs}). {remedy}")
         return
     if write:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_io.atomic_write_json(path, spec, sort_keys=True)

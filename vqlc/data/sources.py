@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vqlc import extras
 from vqlc.data import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -235,7 +236,8 @@ class _SafeReads:
 
 def _demo_photo(name: str) -> np.ndarray:
     """Reads one photo from the scikit-image wheel's own data directory (no pooch download)."""
-    path = importlib.resources.files("skimage") / "data" / name
+    with extras.needed("demo", "the demo's photographs"):
+        path = importlib.resources.files("skimage") / "data" / name
     with importlib.resources.as_file(path) as file:
         if not os.path.exists(file):
             raise FileNotFoundError(
@@ -472,7 +474,8 @@ class TfdsImages(_SafeReads):
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, *,
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
-        import tensorflow_datasets as tfds  # heavy import, only for this source
+        with extras.needed("tfds", f"the tfds dataset {name!r}"):
+            import tensorflow_datasets as tfds  # heavy import, only for this source
 
         self.name = name
         self.split = split

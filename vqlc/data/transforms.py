@@ -5,9 +5,15 @@ processes); ``normalize_batch`` turns a batch into float32 at the very end.
 """
 from __future__ import annotations
 
-import grain
 import numpy as np
 from PIL import Image
+
+from vqlc import extras
+
+with extras.needed("train"):
+    import grain
+
+from vqlc.eval.images import to_float
 
 
 MAX_ASPECT_RATIO = 32  # longer / shorter side kept by resize_shorter_side (see there)
@@ -123,13 +129,6 @@ class EvalTransform(grain.transforms.Map):
         if self.resize_shorter:
             image = resize_shorter_side(image, self.resize_shorter)
         return {"image": center_crop(image, self.image_size)}
-
-
-def to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1, as the reference's ToTensor+Normalize)."""
-    out = np.multiply(images, np.float32(1.0 / 127.5), dtype=np.float32)
-    out -= np.float32(1.0)
-    return out
 
 
 class NormalizeBatch(grain.transforms.Map):

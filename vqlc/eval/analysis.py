@@ -11,12 +11,11 @@ Token replacement (paper, "Token Replacement"): every token is replaced by its n
 (n = 1 is ordinary quantisation) and the image decoded; a codebook whose codes are dense around
 the latents loses little PSNR as n grows.
 """
-import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from vqlc import atomic_io, rundir
+from vqlc import atomic_io, extras, rundir, storage
 from vqlc.eval import metrics
 from vqlc.eval.images import to_uint8
 # The n-th nearest search lives in vqlc.neighbors; re-exported here for existing callers.
@@ -39,9 +38,9 @@ def run_label(workdir: str, config=None) -> str:
 
 def check_workdir(workdir: str) -> str:
     """The workdir, or FileNotFoundError saying it is missing or not a training workdir."""
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
-    if not os.path.exists(rundir.config(workdir)):
+    if not storage.exists(rundir.config(workdir)):
         raise FileNotFoundError(f"{workdir!r} has no config.json: is it a vqlc training workdir?")
     return workdir
 
@@ -63,7 +62,7 @@ def load_utilization(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     """A workdir's utilisation curve; FileNotFoundError / ValueError when there is none."""
     from vqlc.train import reporting
     path = rundir.metrics(workdir)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path!r} not found: has {workdir!r} been trained?")
     steps, util = utilization_curve(reporting.read_metrics(workdir))
     if not steps.size:
@@ -215,11 +214,11 @@ def code_counts_path(workdir: str) -> str:
 def load_code_counts(workdir: str) -> np.ndarray:
     """int64 [K] code usage over the evaluation, as written by the evaluation task."""
     path = code_counts_path(workdir)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{path!r} not found: evaluate the run first (python -m vqlc.main "
             f"--config=<config>:eval --workdir={workdir}), or pass --compute-usage.")
-    return np.asarray(np.load(path), np.int64)
+    return np.asarray(storage.load_npy(path), np.int64)
 
 
 def compute_code_counts(tokenizer, images, batch_size: Optional[int] = None) -> np.ndarray:
@@ -262,7 +261,8 @@ def subsample_codes(active: np.ndarray, max_codes: int) -> np.ndarray:
 
 def tsne_embedding(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     """[M, 2] t-SNE (scikit-learn, PCA init, fixed seed) of vectors [M, D]."""
-    from sklearn.manifold import TSNE  # lazy: only this figure needs scikit-learn
+    with extras.needed("figures", "the t-SNE figure"):
+        from sklearn.manifold import TSNE
     vectors = np.asarray(vectors, np.float32)
     m = len(vectors)
     if m < 3:
@@ -328,9 +328,10 @@ def plot_tsne(panels: Sequence[tuple[str, dict]], path: str, title: str = "") ->
 # ----------------------------------------------------------------------------------------------
 
 def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with extras.needed("figures"):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     return plt
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, parallel, rundir
+from vqlc import atomic_io, extras, parallel, rundir
 from vqlc.eval import images as image_io
 from vqlc.eval import metrics
 from vqlc.eval import report
@@ -60,7 +60,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model, variable
     """Reconstructs the evaluation split on every device of `mesh` and every process; writes
     <workdir>/eval/{metrics.json, metrics.md, reconstructions.png, code_usage.png,
     code_counts.npy}; returns the metrics."""
-    from tqdm import tqdm
+    with extras.needed("train", "evaluation"):
+        from tqdm import tqdm
     from vqlc.data import make_eval_iterator, num_eval_batches
 
     start = time.time()

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlc import neighbors, parallel
+from vqlc import extras, neighbors, parallel
 from vqlc.eval import metrics, stats_cache
 
 PROTOCOLS = ("clean", "adm")
@@ -246,7 +246,6 @@ class Extractor:
 
     def __init__(self, params, fc, inception_protocol: str, spatial: bool,
                  precision=jax.lax.Precision.HIGHEST, mesh=None, batch_size: int = 64):
-        from vqlc.models import inception
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         n = self.mesh.devices.size
         self.batch_size = -(-max(batch_size, 1) // n) * n
@@ -258,7 +257,8 @@ class Extractor:
 
     def __call__(self, batches: Iterator[np.ndarray], features: Features,
                  progress: str = "") -> Features:
-        from tqdm import tqdm
+        with extras.needed("train", "the progress bar"):
+            from tqdm import tqdm
         for batch in tqdm(batches, desc=progress, unit="batch", disable=not progress,
                           leave=False):
             for start in range(0, len(batch), self.batch_size):

@@ -1,8 +1,16 @@
-"""PNG outputs: reconstruction grids and the utilisation-over-training plot."""
+"""Image value conversions ([-1, 1] floats <-> uint8) and PNG outputs: reconstruction grids
+and the utilisation-over-training plot."""
 
 import numpy as np
 
 from vqlc import atomic_io
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1, as the reference's ToTensor+Normalize)."""
+    out = np.multiply(images, np.float32(1.0 / 127.5), dtype=np.float32)
+    out -= np.float32(1.0)
+    return out
 
 
 def to_uint8(x) -> np.ndarray:

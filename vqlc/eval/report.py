@@ -1,7 +1,7 @@
 """Human-readable evaluation outputs: the markdown table and the code-usage plot."""
 import numpy as np
 
-from vqlc import atomic_io
+from vqlc import atomic_io, extras
 
 # (key in metrics.json, label, format, how the number is computed); rows whose key is absent
 # from the results (rFID off, LPIPS-AlexNet off) are left out.
@@ -41,9 +41,10 @@ def markdown_table(results: dict, title: str = "") -> str:
 def plot_code_usage(counts, path: str, title: str = "") -> None:
     """Two panels: codes ranked by how often they were used (log scale), and the histogram of
     per-code counts. Dead codes are counted in the title."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with extras.needed("train", "the code-usage plot"):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     counts = np.asarray(counts, np.int64)
     k = counts.size

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlc import parallel
+from vqlc import extras, parallel
 from vqlc.eval import metrics, stats_cache
 
 REFERENCES = {
@@ -91,7 +91,8 @@ class RFID:
         """One pass over the raw evaluation images (same examples, same sharding)."""
         from vqlc.data import make_eval_source_iterator, num_eval_batches
         from vqlc.models import inception
-        from tqdm import tqdm
+        with extras.needed("train", "the progress bar"):
+            from tqdm import tqdm
         stats = metrics.FeatureStatistics(inception.FEATURE_DIM)
         size = inception.INPUT_SIZE
         batch_size = parallel.local_batch_size(self.config.eval.batch_size)

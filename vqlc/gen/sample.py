@@ -1,6 +1,6 @@
 """The `sample` task: a generator's samples, decoded by its tokenizer, as ADM-layout .npz.
 
-    python -m vqlc.main --config=configs/sample_demo.py --workdir=runs/sample_demo
+    python -m vqlc.main --config=sample_demo --workdir=runs/sample_demo
 
 Labels. Class-balanced (``sample.labels='balanced'``, ``sample.per_class``; the release's
 protocol: 50 per class x 1,000 classes = 50,000, in class order) or uniformly random
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, parallel
+from vqlc import atomic_io, extras, parallel, rundir, storage
 from vqlc import tokenizer as tokenizer_lib
 from vqlc.data import shards
 from vqlc.eval import images as images_lib
@@ -184,7 +184,7 @@ def _spec(config, tok, gen, num_samples: int) -> dict:
 
 def _pending_batches(workdir: str, num_batches: int) -> np.ndarray:
     """Batches without a complete shard, as process 0 sees them (every process runs them)."""
-    done = np.array([os.path.exists(shard_path(workdir, b)) for b in range(num_batches)])
+    done = np.array([storage.exists(shard_path(workdir, b)) for b in range(num_batches)])
     return np.flatnonzero(~shards.agreed_done(done))
 
 
@@ -192,12 +192,12 @@ def run(config, workdir: str) -> dict:
     start = time.time()
     check_config(config)
     s = config.sample
-    workdir = os.path.abspath(workdir)
-    if not os.path.isdir(config.tokenizer.workdir):
+    workdir = rundir.absolute(workdir)
+    if not storage.isdir(config.tokenizer.workdir):
         raise FileNotFoundError(
             f"config.tokenizer.workdir={config.tokenizer.workdir!r} is not a folder: it must be "
             f"a trained tokenizer workdir (e.g. the demo's: python -m vqlc.main "
-            f"--config=configs/default.py --workdir=runs/demo).")
+            f"--config=default --workdir=runs/demo).")
     mesh = parallel.make_mesh(config.mesh.data)
     parallel.check_batch_size(s.batch_size, mesh, "sample.batch_size")
     labels = sample_labels(config)
@@ -213,7 +213,7 @@ def run(config, workdir: str) -> dict:
         os.path.join(shard_dir, "spec.json"), _spec(config, tok, gen, num_samples),
         what="samples", remedy=f"Use a fresh --workdir, or delete {shard_dir} to start over.",
         write=jax.process_index() == 0)
-    os.makedirs(shard_dir, exist_ok=True)
+    storage.makedirs(shard_dir)
     shards.remove_unfinished(shard_dir)  # writes cut short by a kill (only process 0 writes)
     png_dir = os.path.join(workdir, "samples_png") if s.png else None
     pending = _pending_batches(workdir, num_batches)
@@ -243,7 +243,8 @@ def run(config, workdir: str) -> dict:
         compile_s = time.time() - t
         bar = None
         if writer and s.progress_bar:
-            import tqdm
+            with extras.needed("train", "the progress bar"):
+                import tqdm
             bar = tqdm.tqdm(total=num_samples, initial=num_samples - sum(
                 min(batch, num_samples - b * batch) for b in pending), unit="img",
                 dynamic_ncols=True, desc="sample")
@@ -320,13 +321,13 @@ def merge(config, workdir: str, labels: np.ndarray, num_batches: int,
     wanted = {int(i): c for c, rows in grid_rows.items() for i in rows}
     grid_images = {}
     counts = np.zeros(codebook_size, np.int64)
-    with np.load(shard_path(workdir, 0)) as first:
+    with np.load(storage.local_file(shard_path(workdir, 0))) as first:
         image_shape, token_shape = first["arr_0"].shape[1:], first["codes"].shape[1:]
 
     def chunks():
         expected = 0
         for b in range(num_batches):
-            with np.load(shard_path(workdir, b)) as shard:
+            with np.load(storage.local_file(shard_path(workdir, b))) as shard:
                 indices, images, codes = shard["indices"], shard["arr_0"], shard["codes"]
                 if not np.array_equal(indices, np.arange(expected, expected + len(indices))):
                     raise RuntimeError(f"{shard_path(workdir, b)}: samples out of order.")

@@ -1,15 +1,17 @@
-"""Metrics to TensorBoard (clu) and <workdir>/metrics.jsonl, plus a progress bar.
+"""Metrics to TensorBoard (clu's writer interface over tensorboardX: no TensorFlow, see
+vqlc.train.tensorboard) and <workdir>/metrics.jsonl, plus a progress bar.
 
 Only process 0 writes; the others keep their own log lines.
 """
 import json
-import os
 import time
 
 import jax
-import tqdm
 
-from vqlc import atomic_io, rundir
+from vqlc import atomic_io, extras, rundir, storage
+
+with extras.needed("train"):
+    import tqdm
 
 METRICS_FILE = rundir.METRICS
 
@@ -23,10 +25,9 @@ class Reporter:
         self._writer = None
         self._jsonl = None
         if self.is_writer:
-            from clu import metric_writers  # imports TensorFlow: only where it writes
-            self._writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-            _drop_records_after(rundir.metrics(workdir), start_step)
-            self._jsonl = open(rundir.metrics(workdir), "a")
+            from vqlc.train import tensorboard  # only the process that writes needs it
+            self._writer = tensorboard.create_writer(workdir)
+            self._jsonl = MetricsFile(rundir.metrics(workdir), start_step)
         self._bar = tqdm.tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
                               disable=not (progress_bar and self.is_writer), desc="train")
         self._last_time = time.time()
@@ -40,8 +41,7 @@ class Reporter:
         scalars["images_per_s"] = rate
         if self.is_writer:
             self._writer.write_scalars(step, scalars)
-            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-            self._jsonl.flush()
+            self._jsonl.append({"step": step, **scalars})
         self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
                               util=f"{scalars.get('utilization', float('nan')):.3f}",
                               img_s=f"{rate:.1f}", refresh=False)
@@ -73,25 +73,44 @@ def _parse(lines) -> list[dict]:
     return records
 
 
-def _drop_records_after(path: str, step: int) -> None:
-    """A run resumed at `step` redoes the steps after it: their records from before a kill
-    (and a half-written last line) would be duplicates, so they go, atomically."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = []
-    for line in lines:
-        record = _parse([line])
-        if record and record[0].get("step", 0) <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
-        atomic_io.write_text(path, "".join(kept))
+class MetricsFile:
+    """metrics.jsonl, one JSON record per line. A run resumed at `start_step` redoes the steps
+    after it: their records from before a kill (and a half-written last line) would be
+    duplicates, so they go first, atomically. Locally each record is appended; an object store
+    cannot append, so there the whole file is rewritten (atomically) with each record."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path = path
+        lines = _lines(path)
+        kept = []
+        for line in lines:
+            record = _parse([line])
+            if record and record[0].get("step", 0) <= start_step:
+                kept.append(line)
+        if len(kept) != len(lines) or storage.is_remote(path):
+            atomic_io.write_text(path, "".join(f"{line}\n" for line in kept))
+        self._lines = kept if storage.is_remote(path) else None
+        self._file = None if storage.is_remote(path) else open(path, "a")
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+            return
+        self._lines.append(line)
+        atomic_io.write_text(self.path, "".join(f"{x}\n" for x in self._lines))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _lines(path: str) -> list[str]:
+    if not storage.exists(path):
+        return []
+    return [line.rstrip("\n") for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = rundir.metrics(workdir)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return _parse(line for line in f if line.strip())
+    return _parse(_lines(rundir.metrics(workdir)))

@@ -4,14 +4,13 @@ The steps, checkpoints, logs, previews and preemption are the shared loop's
 (vqlc.train.loop); this module supplies the tokenizer's step, batches and hooks.
 """
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import checkpoint, config_io, parallel, rundir
+from vqlc import checkpoint, config_io, parallel, rundir, storage
 from vqlc.codebook import frozen as frozen_codebook
 from vqlc.codebook import task as codebook_task
 from vqlc.eval import evaluator
@@ -57,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-    workdir = os.path.abspath(workdir)
+    workdir = rundir.absolute(workdir)
     # Bad settings fail here, before anything is compiled or written to the workdir.
     config_io.check_compatible(config, workdir)
     cadence = loop.Cadence.from_config(config.train)
@@ -67,7 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if config.eval.at_end:
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     frozen_codebook.check_codebook(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     config_io.write_or_check(config, workdir)
     model, disc, g_tx, d_tx, state, frozen = setup_model(config, workdir, mesh)
     logging.info("process %d/%d, %d local / %d global devices; generator %.2fM params, "

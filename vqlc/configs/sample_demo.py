@@ -1,7 +1,7 @@
 """Samples of the `replay` generator on the demo tokenizer: the `sample` task end to end.
 
-    python -m vqlc.main --config=configs/default.py --workdir=runs/demo        # the tokenizer
-    python -m vqlc.main --config=configs/sample_demo.py --workdir=runs/sample_demo \\
+    python -m vqlc.main --config=default --workdir=runs/demo        # the tokenizer
+    python -m vqlc.main --config=sample_demo --workdir=runs/sample_demo \\
         --config.tokenizer.workdir=runs/demo
 
 `replay` returns the demo tokenizer's codes of real 32 px training crops of the seven demo

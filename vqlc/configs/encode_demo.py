@@ -1,15 +1,15 @@
-"""The embedded demo photos through the demo tokenizer (configs/default.py): a token dataset
+"""The embedded demo photos through the demo tokenizer (vqlc/configs/default.py): a token dataset
 for CPU-sized generator demos, class = which training photo a crop comes from.
 
-    python -m vqlc.main --config=configs/default.py --workdir=runs/demo
-    python -m vqlc.main --config=configs/encode_demo.py --workdir=runs/demo_tokens \\
+    python -m vqlc.main --config=default --workdir=runs/demo
+    python -m vqlc.main --config=encode_demo --workdir=runs/demo_tokens \\
         --config.tokenizer.workdir=runs/demo
 
 10,000 random 32 px crops of the seven training photos (the tokenizer's training crop, drawn
 from the seed and the image index, so a re-run gives the same crops), each with its mirror
 image: 20,000 rows of int32 [8, 8] codes and float32 [8, 8, 8] latents, labels 0..6.
 
-`:tiny` is the seconds-long version the tests run (for a tokenizer of configs/default.py:tiny).
+`:tiny` is the seconds-long version the tests run (for a tokenizer of vqlc/configs/default.py:tiny).
 """
 from vqlc import config_base
 from vqlc import encode_task

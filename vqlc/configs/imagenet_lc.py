@@ -1,15 +1,15 @@
 """VQGAN-LC on ImageNet-1K, as the authors' release trains it (paper Table 2: 100K codes,
 256 tokens, 99.9% utilisation, rFID 2.62).
 
-Needs the frozen codebook (issue "Codebook initialisation": configs/codebook_imagenet.py writes
+Needs the frozen codebook (issue "Codebook initialisation": vqlc/configs/codebook_imagenet.py writes
 it) and ImageNet prepared for tfds (`tfds build imagenet2012` after placing the tar files in
 ~/tensorflow_datasets/downloads/manual).
 
-    python -m vqlc.main --config=configs/imagenet_lc.py --workdir=runs/lc \\
+    python -m vqlc.main --config=imagenet_lc --workdir=runs/lc \\
         --config.codebook.path=runs/cb/codebook.npy
-    python -m vqlc.main --config=configs/imagenet_lc.py:eval --workdir=runs/lc
+    python -m vqlc.main --config=imagenet_lc:eval --workdir=runs/lc
     # f8, 1024 tokens, projected dim 4 (paper: rFID 1.29):
-    python -m vqlc.main --config=configs/imagenet_lc.py:f8 --workdir=runs/lc_f8 \\
+    python -m vqlc.main --config=imagenet_lc:f8 --workdir=runs/lc_f8 \\
         --config.codebook.path=runs/cb/codebook.npy
 
 100,000 steps at global batch 256 = 20 epochs (the release: 32 GPUs x 8 images).

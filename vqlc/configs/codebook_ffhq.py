@@ -3,9 +3,9 @@
 FFHQ has no classes, so the centres come from one k-means over all features (70,000 images x 16
 pooled vectors = 1.12M vectors of 768-d, 3.4 GB as float32: clustered in memory).
 
-    python -m vqlc.main --config=configs/codebook_ffhq.py --workdir=runs/cb_ffhq \\
+    python -m vqlc.main --config=codebook_ffhq --workdir=runs/cb_ffhq \\
         --config.data.path=<folder of FFHQ images> --config.clip.path=<CLIP snapshot folder>
-    # then: configs/ffhq_lc.py --config.codebook.path=runs/cb_ffhq/codebook.npy
+    # then: vqlc/configs/ffhq_lc.py --config.codebook.path=runs/cb_ffhq/codebook.npy
 """
 from vqlc import config_base
 from vqlc.codebook import task

@@ -1,10 +1,10 @@
 """Baseline VQGAN-EMA (codebook by exponential moving average, decay 0.99) on ImageNet-1K; the
-same encoder, decoder, loss and schedule as configs/imagenet_lc.py (paper Table 2 at 16,384 codes: 83.2% utilisation).
+same encoder, decoder, loss and schedule as vqlc/configs/imagenet_lc.py (paper Table 2 at 16,384 codes: 83.2% utilisation).
 
-    python -m vqlc.main --config=configs/imagenet_ema.py --workdir=runs/ema
-    python -m vqlc.main --config=configs/imagenet_ema.py:eval --workdir=runs/ema
+    python -m vqlc.main --config=imagenet_ema --workdir=runs/ema
+    python -m vqlc.main --config=imagenet_ema:eval --workdir=runs/ema
     # another codebook size (paper: 16,384 / 50,000 / 100,000):
-    python -m vqlc.main --config=configs/imagenet_ema.py --workdir=runs/ema_100k \\
+    python -m vqlc.main --config=imagenet_ema --workdir=runs/ema_100k \\
         --config.quantizer.codebook_size=100000
 """
 from vqlc import config_base

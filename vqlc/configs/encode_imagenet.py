@@ -1,6 +1,6 @@
 """ImageNet train through a trained tokenizer: tokens and latents for the generators.
 
-    python -m vqlc.main --config=configs/encode_imagenet.py --workdir=runs/in_tokens \\
+    python -m vqlc.main --config=encode_imagenet --workdir=runs/in_tokens \\
         --config.tokenizer.workdir=runs/lc
 
 tfds imagenet2012 train (prepared as array_record; see the README's data section), the

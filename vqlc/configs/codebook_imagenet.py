@@ -5,9 +5,9 @@ projection (768-d), CLS dropped, 16x16 grid average-pooled 4x4 -> 16 vectors per
 (20.5M vectors, 31 GB as float16 shards); then k-means per class, 100 centres for each of the
 1,000 classes, random init from data points, Lloyd until no centre moves by 1e-4.
 
-    python -m vqlc.main --config=configs/codebook_imagenet.py --workdir=runs/cb \\
+    python -m vqlc.main --config=codebook_imagenet --workdir=runs/cb \\
         --config.clip.path=<folder of `huggingface-cli download openai/clip-vit-large-patch14`>
-    # then: configs/imagenet_lc.py --config.codebook.path=runs/cb/codebook.npy
+    # then: vqlc/configs/imagenet_lc.py --config.codebook.path=runs/cb/codebook.npy
 
 Writes runs/cb/codebook.npy (float32 [100000, 768], 307 MB) and runs/cb/codebook.json. Re-running
 resumes the extraction where it stopped. An image folder instead of tfds:

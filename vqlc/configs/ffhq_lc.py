@@ -4,10 +4,10 @@ FFHQ is not in the tfds catalogue: point the folder loader at the images, split 
 (the first 60,000 images for training, the last 10,000 for evaluation), e.g. ffhq/train and
 ffhq/val. The release builds the FFHQ codebook from FFHQ's own CLIP features.
 
-    python -m vqlc.main --config=configs/ffhq_lc.py --workdir=runs/ffhq_lc \\
+    python -m vqlc.main --config=ffhq_lc --workdir=runs/ffhq_lc \\
         --config.data.path=ffhq/train --config.data.eval_path=ffhq/val \\
         --config.codebook.path=runs/cb_ffhq/codebook.npy
-    python -m vqlc.main --config=configs/ffhq_lc.py:eval --workdir=runs/ffhq_lc \\
+    python -m vqlc.main --config=ffhq_lc:eval --workdir=runs/ffhq_lc \\
         --config.data.path=ffhq/train --config.data.eval_path=ffhq/val
 """
 from vqlc import config_base

@@ -1,10 +1,10 @@
 """Baseline VQGAN-FC (factorised, l2-normalised codes, ViT-VQGAN) on ImageNet-1K; the
-same encoder, decoder, loss and schedule as configs/imagenet_lc.py (paper Table 2 at 16,384 codes: 11.2% utilisation).
+same encoder, decoder, loss and schedule as vqlc/configs/imagenet_lc.py (paper Table 2 at 16,384 codes: 11.2% utilisation).
 
-    python -m vqlc.main --config=configs/imagenet_fc.py --workdir=runs/fc
-    python -m vqlc.main --config=configs/imagenet_fc.py:eval --workdir=runs/fc
+    python -m vqlc.main --config=imagenet_fc --workdir=runs/fc
+    python -m vqlc.main --config=imagenet_fc:eval --workdir=runs/fc
     # another codebook size (paper: 16,384 / 50,000 / 100,000):
-    python -m vqlc.main --config=configs/imagenet_fc.py --workdir=runs/fc_100k \\
+    python -m vqlc.main --config=imagenet_fc --workdir=runs/fc_100k \\
         --config.quantizer.codebook_size=100000
 """
 from vqlc import config_base

@@ -1,10 +1,10 @@
 """Baseline VQGAN (trainable random codebook, taming) on ImageNet-1K; the
-same encoder, decoder, loss and schedule as configs/imagenet_lc.py (paper Table 2 at 16,384 codes: 3.4% utilisation).
+same encoder, decoder, loss and schedule as vqlc/configs/imagenet_lc.py (paper Table 2 at 16,384 codes: 3.4% utilisation).
 
-    python -m vqlc.main --config=configs/imagenet_vq.py --workdir=runs/vq
-    python -m vqlc.main --config=configs/imagenet_vq.py:eval --workdir=runs/vq
+    python -m vqlc.main --config=imagenet_vq --workdir=runs/vq
+    python -m vqlc.main --config=imagenet_vq:eval --workdir=runs/vq
     # another codebook size (paper: 16,384 / 50,000 / 100,000):
-    python -m vqlc.main --config=configs/imagenet_vq.py --workdir=runs/vq_100k \\
+    python -m vqlc.main --config=imagenet_vq --workdir=runs/vq_100k \\
         --config.quantizer.codebook_size=100000
 """
 from vqlc import config_base
