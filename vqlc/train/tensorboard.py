@@ -4,8 +4,12 @@ clu's own SummaryWriter imports TensorFlow, and so does `clu/metric_writers/__in
 Python runs before any of its submodules. The submodules used here (interface, LoggingWriter,
 MultiWriter) need only numpy and jax, so they are imported without that __init__.
 
+Events are written synchronously (tensorboardX's summary builders and its EventsWriter), not
+through tensorboardX's SummaryWriter: its background thread takes events from a queue that its
+flush() does not drain, so a flushed file could still lack the last events.
+
 A remote workdir (gs://...): tensorboardX reaches buckets only through its own, separately
-configured clients, so the event files are written to a local temporary folder and uploaded
+configured clients, so the event file is written to a local temporary folder and uploaded
 whole through vqlc.atomic_io on flush, on close and every `upload_every_s` seconds of writing.
 Event files are append-only logs: each upload holds everything the previous one did.
 """
@@ -16,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import numpy as np
 
@@ -29,7 +34,9 @@ def import_without_package_init(package: str, names):
     """The submodules `names` of `package`, without running package/__init__.py.
 
     A bare package object stands in for `package` while they load and is then dropped, so a
-    later plain `import package` still runs the real __init__ (which reuses these modules)."""
+    later plain `import package` still runs the real __init__ (which reuses these modules, so
+    their classes stay the same; only `package.<name>` attribute chains then miss them, while
+    `from package import <name>` finds them)."""
     if package in sys.modules:  # the real package is already loaded: nothing to avoid
         return [importlib.import_module(f"{package}.{name}") for name in names]
     bare = importlib.util.module_from_spec(importlib.util.find_spec(package))
@@ -44,8 +51,9 @@ def import_without_package_init(package: str, names):
 with extras.needed("train", "TensorBoard metrics"):
     interface, logging_writer, multi_writer = import_without_package_init(
         CLU_WRITERS, ("interface", "logging_writer", "multi_writer"))
-    import tensorboardX
+    from tensorboardX import event_file_writer
     from tensorboardX import summary as tensorboardx_summary
+    from tensorboardX.proto import event_pb2
 
 
 def create_writer(workdir: str) -> "multi_writer.MultiWriter":
@@ -62,15 +70,18 @@ class TensorBoardWriter(interface.MetricWriter):
     def __init__(self, logdir: str, *, upload_every_s: float = 60.0):
         self._remote = str(logdir) if storage.is_remote(logdir) else None
         self._local = tempfile.mkdtemp(prefix="vqlc-tensorboard-") if self._remote else logdir
-        self._writer = tensorboardX.SummaryWriter(self._local)
+        os.makedirs(self._local, exist_ok=True)
+        # The file name has only the time in seconds: a run resumed within the same second
+        # (as tests do) would truncate the earlier file without a suffix of its own.
+        self._events = event_file_writer.EventsWriter(
+            os.path.join(self._local, "events"), filename_suffix=f".{uuid.uuid4().hex[:8]}")
         self._upload_every_s = upload_every_s
         self._last_upload = time.monotonic()
         self._uploaded_sizes = {}  # local path -> size at its last upload
 
     def write_scalars(self, step: int, scalars):
         for key, value in scalars.items():
-            self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
-        self._upload_if_due()
+            self._write(step, tensorboardx_summary.scalar(key, float(np.asarray(value))))
 
     def write_images(self, step: int, images):
         """{name: [N, H, W, C] or [H, W, C]}, uint8 or float in [0, 1]. tensorboardX tiles the
@@ -79,13 +90,13 @@ class TensorBoardWriter(interface.MetricWriter):
             value = np.asarray(value)
             if value.ndim == 3:
                 value = value[None]
-            self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
-        self._upload_if_due()
+            if value.dtype != np.uint8:  # tensorboardX casts x * 255 to uint8: 1.01 would wrap
+                value = np.clip(value.astype(np.float32), 0.0, 1.0)
+            self._write(step, tensorboardx_summary.image(key, value, dataformats="NHWC"))
 
     def write_texts(self, step: int, texts):
         for key, value in texts.items():
-            self._writer.add_text(key, value, global_step=step)
-        self._upload_if_due()
+            self._write(step, tensorboardx_summary.text(key, value))
 
     def write_histograms(self, step: int, arrays, num_buckets=None):
         num_buckets = num_buckets or {}
@@ -94,15 +105,13 @@ class TensorBoardWriter(interface.MetricWriter):
             if value.size == 0:  # no values, no histogram (as clu's LoggingWriter does)
                 continue
             bins = num_buckets.get(key) or HISTOGRAM_BUCKETS
-            self._writer.add_histogram(key, value, global_step=step, bins=bins)
-        self._upload_if_due()
+            self._write(step, tensorboardx_summary.histogram(key, value, bins))
 
     def write_hparams(self, hparams):
         """Into this run's own event file (tensorboardX's add_hparams would open a sub-run)."""
         flat = {key: _hparam_value(value) for key, value in _flatten(hparams)}
         for summary in tensorboardx_summary.hparams(flat, {}):
-            self._writer.file_writer.add_summary(summary)
-        self._upload_if_due()
+            self._write(0, summary)
 
     def write_audios(self, step: int, audios, *, sample_rate: int):
         raise NotImplementedError(_unsupported("audio"))
@@ -114,16 +123,18 @@ class TensorBoardWriter(interface.MetricWriter):
         raise NotImplementedError(_unsupported("raw tensor summaries"))
 
     def flush(self):
-        self._writer.flush()
+        self._events.flush()
         self._upload()
 
     def close(self):
-        self._writer.close()
+        self._events.close()
         self._upload()
         if self._remote:
             shutil.rmtree(self._local, ignore_errors=True)
 
-    def _upload_if_due(self):
+    def _write(self, step: int, summary) -> None:
+        self._events.write_event(event_pb2.Event(summary=summary, step=step,
+                                                 wall_time=time.time()))
         if self._remote and time.monotonic() - self._last_upload >= self._upload_every_s:
             self.flush()
 
