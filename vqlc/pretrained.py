@@ -336,8 +336,9 @@ def main(argv=None) -> int:
         written, source = export(fv.workdir, fv.dst, fv.step)
         print(f"exported {source['workdir']} step {source['step']} (config hash "
               f"{source['config_hash']}):")
+        width = max(map(len, written))
         for path, size in written.items():
-            print(f"  {path}  {size / 2**20:.2f} MB")
+            print(f"  {path:<{width}}  {size / 2**20:9.2f} MB")
         return 0
 
     return cli.main_wrapper(PROG, run)()
