@@ -33,6 +33,7 @@ from etils import epath
 from flax import traverse_util
 
 from vqlc import atomic_io, cli, config_io, extras, parallel, rundir, storage, tokenizer
+from vqlc.codebook import frozen
 
 PROG = "vqlc.pretrained"
 FORMAT = 1
@@ -250,25 +251,6 @@ def read_trained(directory: str, trained_shapes: dict) -> dict:
     return traverse_util.unflatten_dict(arrays, sep=_SEP)
 
 
-def check_codebook(codes: np.ndarray, path: str, codebook_size: int,
-                   feature_dim: int) -> np.ndarray:
-    """frozen.load_codebook's checks, on an array read from a safetensors file: the float32
-    [codebook_size, feature_dim] codebook, or a ValueError saying what is wrong."""
-    if codes.shape != (codebook_size, feature_dim):
-        raise ValueError(
-            f"Codebook {path!r} has shape {codes.shape}, but the config asks for "
-            f"quantizer.codebook_size={codebook_size} x codebook.feature_dim={feature_dim}. "
-            "Fix the config or the file.")
-    if not np.issubdtype(codes.dtype, np.floating):  # token ids or labels, not centres
-        raise ValueError(f"Codebook {path!r} has dtype {codes.dtype}; k-means centres are "
-                         "floating point (float32).")
-    bad = ~np.isfinite(codes).all(axis=1)
-    if bad.any():
-        raise ValueError(f"Codebook {path!r} contains NaN or Inf values (in {int(bad.sum())} of "
-                         f"its {codebook_size} rows, first row {int(np.argmax(bad))}).")
-    return np.asarray(codes, np.float32)
-
-
 def read_codebook(directory: str, config: ml_collections.ConfigDict) -> np.ndarray:
     path = _require(directory, CODEBOOK_FILE, "an LC tokenizer's export holds its frozen "
                     "codebook there; re-export the tokenizer.")
@@ -276,8 +258,8 @@ def read_codebook(directory: str, config: ml_collections.ConfigDict) -> np.ndarr
     if set(arrays) != {CODEBOOK_KEY}:
         raise ValueError(f"{path!r} holds arrays {sorted(arrays)}; expected one, "
                          f"{CODEBOOK_KEY!r}.")
-    return check_codebook(arrays[CODEBOOK_KEY], path, config.quantizer.codebook_size,
-                          config.codebook.feature_dim)
+    return frozen.validate_codebook(arrays[CODEBOOK_KEY], path,
+                                    config.quantizer.codebook_size, config.codebook.feature_dim)
 
 
 def load(directory_or_hub_id: str, *, mesh=None) -> "tokenizer.Tokenizer":

@@ -35,6 +35,13 @@ def load_codebook(path: str, codebook_size: int, feature_dim: int) -> np.ndarray
     if not isinstance(codes, np.ndarray):  # an .npz archive
         raise ValueError(f"Codebook {path!r} is an .npz archive; it must be a single float32 "
                          "[K, D] array saved with numpy.save.")
+    return validate_codebook(codes, path, codebook_size, feature_dim)
+
+
+def validate_codebook(codes: np.ndarray, path: str, codebook_size: int,
+                      feature_dim: int) -> np.ndarray:
+    """The float32 [codebook_size, feature_dim] codebook read from `path` (any file format), or
+    a ValueError saying what is wrong with it."""
     if codes.shape != (codebook_size, feature_dim):
         raise ValueError(
             f"Codebook {path!r} has shape {codes.shape}, but the config asks for "
