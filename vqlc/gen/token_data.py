@@ -1,0 +1,74 @@
+"""Training batches of token maps from an encode workdir, for the GPT generators.
+
+Each image of the dataset appears once per epoch, as one of its augmented copies (the image or
+its mirror image for encode.augment='flip', one of ten crops for 'ten_crop') chosen at random
+per epoch and image: what a pixel pipeline's random flip gives, without encoding again. The
+order and the choice are functions of the seed and the record's position only, so batches are
+the same for any number of processes and a restored iterator continues exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vqlc import extras
+from vqlc.data import encoded
+
+with extras.needed("train"):
+    import grain
+
+
+class ImageCopies:
+    """Random access over the images of an encode workdir: ``[i]`` -> the rows of image i's
+    copies ({'codes': int32 [copies, h, w], 'label': int32}), read on demand."""
+
+    def __init__(self, workdir: str, expect_tokenizer=None):
+        self.rows = encoded.EncodedDataset(workdir, expect_tokenizer)
+        if "codes" not in self.rows.manifest["arrays"]:
+            raise ValueError(f"{workdir} holds no token ids (encode.what="
+                             f"{self.rows.manifest.get('what')!r}); a GPT trains on codes: "
+                             "encode with --config.encode.what=codes (or both).")
+        self.copies = int(self.rows.manifest["copies"])
+        if len(self.rows) % self.copies:
+            raise ValueError(f"{workdir}: {len(self.rows)} rows is not a whole number of "
+                             f"images of {self.copies} copies.")
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Rows must be image-major (every copy of an image next to each other), as the encode
+        task writes them; anything else would pair copies of different images."""
+        indices = self.rows.column("indices").reshape(-1, self.copies)
+        aug = self.rows.column("aug").reshape(-1, self.copies)
+        if not (indices == indices[:, :1]).all() or not (aug == np.arange(self.copies)).all():
+            raise ValueError(f"{self.rows.workdir}: rows are not grouped by image with copies "
+                             f"0..{self.copies - 1} in order; re-encode it.")
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.copies
+
+    def copy(self, image: int, which: int) -> dict:
+        row = self.rows[image * self.copies + which]
+        return {"codes": row["codes"], "label": row["label"]}
+
+
+class _RandomCopy(grain.transforms.RandomMap):
+    def __init__(self, images: ImageCopies):
+        self.images = images
+
+    def random_map(self, image: int, rng: np.random.Generator) -> dict:
+        return self.images.copy(int(image), int(rng.integers(self.images.copies)))
+
+
+def make_token_iterator(images: ImageCopies, *, batch_size: int, seed: int,
+                        shard_index: int = 0, shard_count: int = 1):
+    """Infinite iterator of {'codes': int32 [batch_size, h, w], 'label': int32 [batch_size]}
+    for this process (``batch_size`` per process), with get_state() / set_state()."""
+    if len(images) == 0:
+        raise ValueError(f"{images.rows.workdir} holds no images.")
+    shuffle_seed, copy_seed = np.random.SeedSequence(seed).generate_state(2)
+    ds = grain.MapDataset.range(len(images))
+    ds = ds.shuffle(seed=int(shuffle_seed))  # a new permutation each epoch past len(images)
+    ds = ds.repeat(None)
+    ds = ds.random_map(_RandomCopy(images), seed=int(copy_seed))
+    ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset())
