@@ -1,0 +1,1 @@
+"""Training objectives of the generators: next-token cross-entropy and its input corruptions."""
