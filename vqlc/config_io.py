@@ -8,11 +8,17 @@ from etils import epath
 from vqlc import atomic_io, rundir
 
 CONFIG_FILE = rundir.CONFIG
-# Fields that change the shapes or meaning of what a checkpoint holds.
+# Fields that change the shapes or meaning of what a checkpoint holds, per config.task (the
+# tokenizer's for configs without a task of their own).
 _IDENTITY = ("model", "quantizer", "codebook.feature_dim", "disc", "data.image_size")
+_IDENTITY_BY_TASK = {"gpt": ("network", "optim.ema_decay")}
 # Fields inside those that change how a step computes, not what a checkpoint holds: a run may
 # resume with other values (e.g. switch to bfloat16 compute, or to remat to fit memory).
 _NOT_IDENTITY = {"model": ("dtype", "remat")}
+
+
+def _identity_fields(config) -> tuple:
+    return _IDENTITY_BY_TASK.get(config.get("task"), _IDENTITY)
 
 
 def _get(config, dotted: str):
@@ -35,7 +41,7 @@ def _identity(config, dotted: str):
 
 def identity(config: ml_collections.ConfigDict) -> dict:
     """The fields that define what a run's checkpoints compute, as plain JSON values."""
-    return {k: _identity(config, k) for k in _IDENTITY}
+    return {k: _identity(config, k) for k in _identity_fields(config)}
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
@@ -52,7 +58,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not epath.Path(path).exists():
         return
     old, new = identity(load(workdir)), identity(config)
-    diffs = [k for k in _IDENTITY if old[k] != new[k]]
+    diffs = [k for k in new if old.get(k) != new[k]]
     if diffs:
         raise ValueError(
             f"{workdir!r} holds a run with a different config ({', '.join(diffs)} differ "

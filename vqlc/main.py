@@ -18,6 +18,7 @@ TASKS = {
     "evaluate": "vqlc.eval.run:run",  # a trained workdir
     "encode": "vqlc.encode_task:run",  # a dataset -> shards of tokens / latents
     "sample": "vqlc.gen.sample:run",  # a generator's samples -> samples.npz (ADM layout)
+    "gpt": "vqlc.gen.gpt_train:run",  # a GPT over the token maps of an encode workdir
 }
 
 PROG = "vqlc.main"

@@ -1,0 +1,89 @@
+"""The `gpt` task on a tiny tokenizer's tokens: the loss goes down, a resumed run equals an
+uninterrupted one bit for bit, and bad settings fail before any work."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests import tiny_tokenizer
+from vqlc import checkpoint, encode_task, rundir
+from vqlc.configs import encode_demo, gpt_demo
+from vqlc.gen import gpt_train
+from vqlc.train import reporting
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    tok_dir = tiny_tokenizer.make_workdir(str(tmp_path_factory.mktemp("tok") / "run"))
+    c = encode_demo.get_config("tiny")
+    c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "encode.max_images": 32,
+                                  "encode.images_per_shard": 16, "encode.batch_size": 8,
+                                  "encode.what": "codes"})
+    tokens = str(tmp_path_factory.mktemp("enc") / "tokens")
+    encode_task.run(c, tokens)
+    return tok_dir, tokens
+
+
+def _config(dirs, **overrides):
+    c = gpt_demo.get_config("tiny")
+    c.update_from_flattened_dict({"tokenizer.workdir": dirs[0], "data.tokens": dirs[1],
+                                  "mesh.data": 1, **overrides})
+    return c
+
+
+def _params(workdir):
+    steps = checkpoint.completed_steps(rundir.checkpoints(workdir))
+    shapes = jax.eval_shape(lambda: _model_params(workdir))
+    restored, _ = checkpoint.restore_subtrees(rundir.checkpoints(workdir),
+                                              {"params": shapes}, steps[-1])
+    return restored["params"]
+
+
+def _model_params(workdir):
+    with open(os.path.join(workdir, gpt_train.GENERATOR_FILE)) as f:
+        record = json.load(f)
+    from vqlc import config_io
+    model = gpt_train.make_model(config_io.load(workdir), record["codebook_size"],
+                                 record["num_codes"])
+    return model.init(jax.random.key(0), np.zeros((1,), np.int32),
+                      np.zeros((1, model.num_codes), np.int32))["params"]
+
+
+def test_loss_goes_down_and_the_run_is_recorded(dirs, tmp_path):
+    workdir = str(tmp_path / "gpt")
+    results = gpt_train.run(_config(dirs), workdir)
+    losses = [r["loss"] for r in reporting.read_metrics(workdir)]
+    assert len(losses) == 6 and results["step"] == 60
+    assert losses[-1] < 0.8 * losses[0], losses
+    with open(os.path.join(workdir, gpt_train.GENERATOR_FILE)) as f:
+        record = json.load(f)
+    assert record["codebook_size"] == 32 and record["num_codes"] == 64
+    assert record["tokenizer"]["config_hash"]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(dirs, tmp_path):
+    common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "train.log_every": 2,
+              "objective.pkeep": 0.8}
+    gpt_train.run(_config(dirs, **common, **{"train.num_steps": 6}), str(tmp_path / "one"))
+    gpt_train.run(_config(dirs, **common, **{"train.num_steps": 3}), str(tmp_path / "two"))
+    gpt_train.run(_config(dirs, **common, **{"train.num_steps": 6}), str(tmp_path / "two"))
+    a, b = _params(str(tmp_path / "one")), _params(str(tmp_path / "two"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"network.kind": "gpt5"}, "network.kind='gpt5'"),
+    ({"data.tokens": "on_the_fly"}, "not implemented"),
+    ({"objective.pkeep": 0.0}, "objective.pkeep=0.0"),
+    ({"network.kind": "llamagen", "objective.pkeep": 0.8}, "llamagen trains on clean"),
+    ({"optim.schedule": "step"}, "optim.schedule='step'"),
+    ({"network.num_classes": 2}, "network.num_classes=2"),
+])
+def test_bad_settings_fail_clearly(dirs, tmp_path, overrides, message):
+    workdir = tmp_path / "bad"
+    with pytest.raises((ValueError, NotImplementedError), match=message.replace("(", r"\(")):
+        gpt_train.run(_config(dirs, **overrides), str(workdir))
+    assert not (workdir / "checkpoints").exists()
