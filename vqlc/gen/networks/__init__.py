@@ -1,0 +1,1 @@
+"""Generator networks (GPT, ...): Flax Linen modules, no training logic."""

@@ -1,0 +1,1 @@
+"""Samplers: draw token maps or latents from a trained generator network."""
