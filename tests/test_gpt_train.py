@@ -87,3 +87,41 @@ def test_bad_settings_fail_clearly(dirs, tmp_path, overrides, message):
     with pytest.raises((ValueError, NotImplementedError), match=message.replace("(", r"\(")):
         gpt_train.run(_config(dirs, **overrides), str(workdir))
     assert not (workdir / "checkpoints").exists()
+
+
+def test_sample_task_draws_from_a_trained_gpt(dirs, tmp_path):
+    from vqlc.configs import sample_demo
+    from vqlc.gen import sample
+    workdir = str(tmp_path / "gpt")
+    gpt_train.run(_config(dirs, **{"train.num_steps": 10}), workdir)
+    c = sample_demo.get_config("tiny")
+    c.update_from_flattened_dict({"tokenizer.workdir": dirs[0], "generator.kind": "gpt",
+                                  "generator.workdir": workdir, "sample.per_class": 2,
+                                  "generator.gpt.top_k": 8, "mesh.data": 1})
+    out = str(tmp_path / "samples")
+    sample.run(c, out)
+    again = str(tmp_path / "again")
+    c.sample.batch_size = 4  # another batch size: the same samples
+    sample.run(c, again)
+    with np.load(os.path.join(out, "samples.npz")) as a, \
+            np.load(os.path.join(again, "samples.npz")) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # the images
+        assert a["arr_0"].shape == (14, 16, 16, 3)
+    with open(os.path.join(out, "samples.json")) as f:
+        record = json.load(f)
+    assert record["generator"]["kind"] == "gpt" and record["generator"]["step"] == 10
+    assert record["token_shape"] == [8, 8] and record["codes_used"] >= 2
+
+
+def test_a_gpt_refuses_another_tokenizer(dirs, tmp_path):
+    from vqlc import parallel
+    from vqlc.configs import sample_demo
+    from vqlc.gen.gpt_generator import GPTGenerator
+    from vqlc.tokenizer import Tokenizer
+    workdir = str(tmp_path / "gpt")
+    gpt_train.run(_config(dirs, **{"train.num_steps": 2}), workdir)
+    other = tiny_tokenizer.make_workdir(str(tmp_path / "other_tok"))
+    c = sample_demo.get_config("tiny")
+    with pytest.raises(ValueError, match="not by the expected tokenizer"):
+        GPTGenerator.load(c, workdir, tokenizer=Tokenizer.load(other),
+                          mesh=parallel.make_mesh(1))

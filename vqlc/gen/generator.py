@@ -34,6 +34,8 @@ GENERATORS = {
     # The tokenizer's own codes (or latents) of real images of the requested classes: the
     # toy for tests and a sanity baseline (its FID is the tokenizer's reconstruction FID).
     "replay": "vqlc.gen.replay:Replay",
+    # A GPT trained by the `gpt` task (vqlc.gen.gpt_train), sampled with its KV cache.
+    "gpt": "vqlc.gen.gpt_generator:GPTGenerator",
 }
 
 

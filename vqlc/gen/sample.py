@@ -70,6 +70,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.generator.replay.data = config_base.get_base_config().data  # kind '' = the tokenizer's
     c.generator.replay.data.kind = ""
 
+    c.generator.gpt = ml_collections.ConfigDict()  # generator.kind = 'gpt'
+    c.generator.gpt.use_ema = True  # the EMA weights, when the run kept them
+    c.generator.gpt.temperature = 1.0  # 0 = greedy
+    c.generator.gpt.top_k = 0  # 0 = all codes (GPT-LC: 10,000, a tenth of the vocabulary)
+    c.generator.gpt.top_p = 0.0  # 0 = off
+    c.generator.gpt.cfg_scale = 0.0  # 0 = no guidance (llamagen, or mingpt with class dropout)
+    c.generator.gpt.cfg_start = 0  # guided code positions [cfg_start, cfg_end); end 0 = all
+    c.generator.gpt.cfg_end = 0
+
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # the generator's tokenizer (a trained tokenizer workdir)
 
