@@ -29,7 +29,7 @@ def dirs(tmp_path_factory):
 def _config(dirs, **overrides):
     c = gpt_demo.get_config("tiny")
     c.update_from_flattened_dict({"tokenizer.workdir": dirs[0], "data.tokens": dirs[1],
-                                  "mesh.data": 1, **overrides})
+                                  "mesh.data": 1, "eval.at_end": False, **overrides})
     return c
 
 
@@ -81,6 +81,8 @@ def test_resumed_run_equals_an_uninterrupted_one(dirs, tmp_path):
     ({"network.kind": "llamagen", "objective.pkeep": 0.8}, "llamagen trains on clean"),
     ({"optim.schedule": "step"}, "optim.schedule='step'"),
     ({"network.num_classes": 2}, "network.num_classes=2"),
+    ({"network.num_classes": 9, "eval.at_end": True, "train.num_steps": 1},
+     "fewer than eval.per_class=2 images of classes \\[7, 8\\]"),
 ])
 def test_bad_settings_fail_clearly(dirs, tmp_path, overrides, message):
     workdir = tmp_path / "bad"
@@ -125,3 +127,22 @@ def test_a_gpt_refuses_another_tokenizer(dirs, tmp_path):
     with pytest.raises(ValueError, match="not by the expected tokenizer"):
         GPTGenerator.load(c, workdir, tokenizer=Tokenizer.load(other),
                           mesh=parallel.make_mesh(1))
+
+
+def test_one_command_encodes_trains_samples_and_scores(dirs, tmp_path):
+    workdir = tmp_path / "gpt"
+    results = gpt_train.run(_config(dirs, **{"data.tokens": "", "eval.at_end": True,
+                                             "train.num_steps": 10}), str(workdir))
+    assert (workdir / "tokens" / "manifest.json").exists()
+    with open(workdir / "eval" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert (workdir / "eval" / "samples.png").exists()
+    assert metrics["num_samples"] == 14 and metrics["num_reference"] == 14  # 7 classes x 2
+    assert metrics["sample_utilization"] == metrics["codes_used"] / 32 > 0
+    with np.load(workdir / "eval" / "reference.npz") as ref:
+        assert ref["arr_0"].shape == (14, 16, 16, 3)
+        assert np.bincount(ref["arr_1"]).tolist() == [2] * 7
+    if metrics["gfid"] is None:  # no Inception weights on this machine
+        assert "not computed" in metrics["gfid_protocol"]
+    else:
+        assert metrics["gfid"] > 0 and results["gfid"] == metrics["gfid"]

@@ -45,7 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # the tokenizer whose tokens the GPT models
     c.data = ml_collections.ConfigDict()
-    c.data.tokens = ""  # an encode workdir made by that tokenizer
+    c.data.tokens = ""  # an encode workdir made by that tokenizer; "" = encode into
+    # <workdir>/tokens first, with the nested encode-task config data.encode (its
+    # tokenizer.workdir is this config's)
+    from vqlc import encode_task
+    c.data.encode = encode_task.base_config()
+    c.data.encode.encode.what = "codes"
 
     c.network = ml_collections.ConfigDict()
     c.network.kind = "mingpt"  # mingpt | llamagen
@@ -84,6 +89,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.progress_bar = True
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.at_end = True  # sample and score when training finishes (vqlc.gen.gpt_eval)
+    c.eval.per_class = 50  # class-balanced samples (and held-out reference crops) per class
+    c.eval.batch_size = 64
+    c.eval.sampler = ml_collections.ConfigDict()  # as the sample task's generator.gpt
+    c.eval.sampler.use_ema = True
+    c.eval.sampler.temperature = 1.0
+    c.eval.sampler.top_k = 0  # 0 = all codes
+    c.eval.sampler.top_p = 0.0
+    c.eval.sampler.cfg_scale = 0.0
+    c.eval.sampler.cfg_start = 0
+    c.eval.sampler.cfg_end = 0
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     return c
@@ -101,9 +119,6 @@ def check_config(config) -> None:
         raise NotImplementedError(
             "data.tokens='on_the_fly' (encoding during training, the release's way) is not "
             "implemented; encode once with the encode task and set data.tokens to its workdir.")
-    if not config.data.tokens:
-        raise ValueError("config.data.tokens is empty: set it to an encode workdir of this "
-                         "tokenizer (python -m vqlc.main --config=encode_imagenet ...).")
     if not 0.0 < o.pkeep <= 1.0:
         raise ValueError(f"objective.pkeep={o.pkeep} must be in (0, 1].")
     if o.pkeep < 1.0 and n.kind != "mingpt":
@@ -220,13 +235,14 @@ def make_train_step(model, tx, config, codebook_size: int):
     return train_step
 
 
-def generator_record(config, tokenizer, num_codes: int, grid: tuple, images: int) -> dict:
+def generator_record(config, tokenizer, num_codes: int, grid: tuple, images: int,
+                     tokens: str) -> dict:
     return {"format": 1, "kind": "gpt", "network": config.network.to_dict(),
             "tokenizer": tokenizer.identity(), "codebook_size": int(
                 tokenizer.config.quantizer.codebook_size),
             "token_grid": [int(g) for g in grid], "num_codes": int(num_codes),
             "image_size": int(tokenizer.config.data.image_size),
-            "tokens": rundir.absolute(config.data.tokens), "num_images": int(images),
+            "tokens": rundir.absolute(tokens), "num_images": int(images),
             "ema": bool(config.optim.ema_decay)}
 
 
@@ -250,15 +266,19 @@ def run(config, workdir: str) -> dict:
     parallel.check_batch_size(config.train.batch_size, mesh)
     cadence = loop.Cadence.from_config(config.train)
     tok = Tokenizer.load(config.tokenizer.workdir)
-    images = token_data.ImageCopies(config.data.tokens, expect_tokenizer=tok)
+    images = token_data.ImageCopies(tokens_workdir(config, workdir), expect_tokenizer=tok)
     _check_labels(images, config.network.num_classes)
     grid = images.copy(0, 0)["codes"].shape
     codebook_size = int(tok.config.quantizer.codebook_size)
     model = make_model(config, codebook_size, int(np.prod(grid)))
 
+    if config.eval.at_end:
+        from vqlc.gen import gpt_eval
+        gpt_eval.prepare_reference(config, workdir, tok)
     storage.makedirs(workdir)
     config_io.write_or_check(config, workdir)
-    record = generator_record(config, tok, int(np.prod(grid)), grid, len(images))
+    record = generator_record(config, tok, int(np.prod(grid)), grid, len(images),
+                              images.rows.workdir)
     if jax.process_index() == 0:
         atomic_io.atomic_write_json(rundir.join(workdir, GENERATOR_FILE), record)
     num_steps = config.train.num_steps
@@ -298,5 +318,22 @@ def run(config, workdir: str) -> dict:
     reporter.close()
     manager.close()
     last = reporting.read_metrics(workdir)
-    return {"step": step, "stopped": stopped, "parameters": counts["total"],
-            "loss": last[-1]["loss"] if last else None}
+    results = {"step": step, "stopped": stopped, "parameters": counts["total"],
+               "loss": last[-1]["loss"] if last else None}
+    if config.eval.at_end and step >= num_steps:
+        from vqlc.gen import gpt_eval
+        results.update(gpt_eval.evaluate(config, workdir, tok))
+    return results
+
+
+def tokens_workdir(config, workdir: str) -> str:
+    """data.tokens, or <workdir>/tokens encoded now (resumably) by the nested encode task."""
+    if config.data.tokens:
+        return config.data.tokens
+    from vqlc import encode_task
+    c = ml_collections.ConfigDict(config.data.encode.to_dict())
+    c.tokenizer.workdir = config.tokenizer.workdir
+    c.mesh.data = config.mesh.data
+    directory = rundir.join(workdir, "tokens")
+    encode_task.run(c, directory)
+    return directory
