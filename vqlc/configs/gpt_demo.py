@@ -8,7 +8,7 @@ encodes the demo's training crops (each with its mirror image) into <workdir>/to
 then samples 50 per class and scores them (<workdir>/eval/metrics.json, eval/samples.png; see
 vqlc/gen/gpt_eval.py). --config.data.tokens=<an encode workdir> skips the encoding.
 
-The release's minGPT at toy size (4 layers, width 256, 4 heads) over the demo's 8x8 token maps
+The release's minGPT at toy size (4 layers, width 192, 4 heads) over the demo's 8x8 token maps
 of 512 codes, 7 classes (the photographs), pkeep 0.8 as the release; AdamW (0.9, 0.95), weight
 decay 0.01 on linear layers, lr 1e-3 with a short warm-up and linear decay. `:tiny` is the
 seconds-long version the tests run (a tests/tiny_tokenizer.py tokenizer: 8x8 maps of
@@ -28,14 +28,14 @@ def get_config(arg: str = ""):
     c.network.kind = "mingpt"
     c.network.num_layers = 4
     c.network.num_heads = 4
-    c.network.width = 256
+    c.network.width = 192
     c.network.num_classes = 7
     c.objective.pkeep = 0.8
     c.objective.chunk_size = 16
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    c.train.batch_size = 64
-    c.train.num_steps = 2000
+    c.train.batch_size = 32
+    c.train.num_steps = 1200
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 1

@@ -42,9 +42,10 @@ class Reporter:
         if self.is_writer:
             self._writer.write_scalars(step, scalars)
             self._jsonl.append({"step": step, **scalars})
-        self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
-                              util=f"{scalars.get('utilization', float('nan')):.3f}",
-                              img_s=f"{rate:.1f}", refresh=False)
+        shown = {"loss": f"{scalars.get('loss', float('nan')):.4f}"}
+        if "utilization" in scalars:  # the tokenizer's; generators have none
+            shown["util"] = f"{scalars['utilization']:.3f}"
+        self._bar.set_postfix(**shown, img_s=f"{rate:.1f}", refresh=False)
         return scalars
 
     def advance(self, step: int) -> None:
