@@ -47,6 +47,15 @@ def define_workdir(fv: flags.FlagValues,
     return holder
 
 
+def define_export_source(fv: flags.FlagValues):
+    """--workdir (a tokenizer's training workdir) and --step: what an export command reads."""
+    workdir = define_workdir(fv, "Training workdir to export (config.json, checkpoints/, and "
+                                 "codebook.npy for an LC tokenizer).")
+    step = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the "
+                                "newest).", lower_bound=0, flag_values=fv)
+    return workdir, step
+
+
 def define_distributed(fv: flags.FlagValues):
     return flags.DEFINE_bool(
         "distributed", None,

@@ -286,10 +286,7 @@ def load(directory_or_hub_id: str, *, mesh=None) -> "tokenizer.Tokenizer":
 
 def _define_flags() -> flags.FlagValues:
     fv = cli.new_flags()
-    cli.define_workdir(fv, "Training workdir to export (config.json, checkpoints/, and "
-                           "codebook.npy for an LC tokenizer).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).",
-                         lower_bound=0, flag_values=fv)
+    cli.define_export_source(fv)
     flags.DEFINE_string("dst", None, "Directory to write the export to: new, empty, or an "
                         "earlier export of the same workdir.", flag_values=fv)
     flags.mark_flag_as_required("dst", flag_values=fv)

@@ -267,10 +267,7 @@ def pytorch_snippet(tok, path: str) -> str:
 
 def _define_flags() -> flags.FlagValues:
     fv = cli.new_flags()
-    cli.define_workdir(fv, "Training workdir to export (config.json, checkpoints/, and "
-                           "codebook.npy for an LC tokenizer).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).",
-                         lower_bound=0, flag_values=fv)
+    cli.define_export_source(fv)
     flags.DEFINE_string("dst", None, "The .safetensors file to write (replaced if it exists).",
                         flag_values=fv)
     flags.mark_flag_as_required("dst", flag_values=fv)
