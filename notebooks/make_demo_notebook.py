@@ -43,7 +43,7 @@ def find_checkout():
     \"\"\"The repository root if this runs from a checkout (or next to a clone), else None.\"\"\"
     here = os.getcwd()
     for d in (here, os.path.dirname(here), os.path.join(here, "vqlc_repo")):
-        if os.path.isfile(os.path.join(d, "setup.py")) and os.path.isdir(os.path.join(d, "vqlc")):
+        if os.path.isfile(os.path.join(d, "pyproject.toml")) and os.path.isdir(os.path.join(d, "vqlc")):
             return d
     return None
 
@@ -61,7 +61,7 @@ def run_streaming(cmd, cwd=None):
 
 REPO_DIR = find_checkout()
 if REPO_DIR and REPO_DIR not in sys.path:
-    sys.path.insert(0, REPO_DIR)  # vqlc and configs/ import straight from the checkout
+    sys.path.insert(0, REPO_DIR)  # vqlc imports straight from the checkout
 try:
     import vqlc
 except ImportError:
@@ -72,7 +72,7 @@ except ImportError:
     REPO_DIR = os.path.abspath("vqlc_repo")
     if not os.path.isdir(REPO_DIR):
         run_streaming(["git", "clone", "--depth=1", VQLC_REPO, REPO_DIR])
-    run_streaming([sys.executable, "-m", "pip", "install", "-q", REPO_DIR])
+    run_streaming([sys.executable, "-m", "pip", "install", "-q", REPO_DIR + "[demo]"])
     sys.path.insert(0, REPO_DIR)
     import vqlc
 print("vqlc", vqlc.__version__, "from", os.path.dirname(vqlc.__file__))
@@ -85,11 +85,11 @@ the embedded demo's run, `runs/demo` (or `$VQLC_DEMO_WORKDIR`): a small f4 VQGAN
 512 codes, trained on 32 px crops of scikit-image's photographs. If it has no checkpoint yet:
 
 * with `TRAIN_IF_MISSING = True` the cell trains it, the same as
-  `python -m vqlc.main --config=configs/default.py --workdir=runs/demo`
+  `python -m vqlc.main --config=default --workdir=runs/demo`
   (about 15 minutes on a CPU, a few minutes on a GPU; nothing to download);
 * or, with the authors' released weights downloaded, set `RELEASE_CHECKPOINT` (and
   `RELEASE_CODEBOOK`): the cell converts them, as
-  `python -m vqlc.convert --config=configs/imagenet_lc.py --src vqgan-lc-100K-f16-dim8.pth
+  `python -m vqlc.convert --config=imagenet_lc --src vqgan-lc-100K-f16-dim8.pth
   --dst runs/release --codebook codebook-100K.pth`, and loads `runs/release`
   (an f16 model with 100,000 codes)."""),
     ("code", """\
@@ -109,11 +109,8 @@ def has_checkpoint(workdir):
 
 
 def config_file(name):
-    # The configs live in the repository, not in the installed package.
-    if REPO_DIR is None:
-        raise FileNotFoundError(f"configs/{name} is in the vqlc repository: set VQLC_REPO or "
-                                "start the notebook from a checkout.")
-    return os.path.join(REPO_DIR, "configs", name)
+    # The configs ship inside the package: --config takes their names.
+    return name[:-3] if name.endswith(".py") else name
 
 
 if not has_checkpoint(WORKDIR):
