@@ -10,12 +10,15 @@ import pytest
 
 from vqlc.configs import encode_demo, sample_demo
 from tests import tiny_tokenizer
-from tests.fake_bucket import bucket  # noqa: F401  (the fixture)
+from tests import fake_bucket
 from vqlc import atomic_io, checkpoint, rundir, storage
 from vqlc.codebook import frozen
 from vqlc.data import encoded, shards
 from vqlc.eval import analysis
 from vqlc.train import reporting
+
+
+bucket = fake_bucket.bucket  # the fixture
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def _encode_config(tok_dir):
     return c
 
 
-def test_encode_into_a_bucket_equals_a_local_run(tok_dir, tmp_path, bucket):  # noqa: F811
+def test_encode_into_a_bucket_equals_a_local_run(tok_dir, tmp_path, bucket):
     from vqlc import encode_task
     local = str(tmp_path / "local")
     encode_task.run(_encode_config(tok_dir), local)
@@ -45,7 +48,7 @@ def test_encode_into_a_bucket_equals_a_local_run(tok_dir, tmp_path, bucket):  # 
     assert encode_task.run(_encode_config(tok_dir), "gs://b/enc")["shards_written"] == 0
 
 
-def test_sample_into_a_bucket_equals_a_local_run(tok_dir, tmp_path, bucket):  # noqa: F811
+def test_sample_into_a_bucket_equals_a_local_run(tok_dir, tmp_path, bucket):
     from vqlc.gen import sample
     c = sample_demo.get_config("tiny")
     c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "sample.per_class": 2})
@@ -61,7 +64,7 @@ def test_sample_into_a_bucket_equals_a_local_run(tok_dir, tmp_path, bucket):  # 
     assert record["npz"] == "gs://b/samples/samples.npz"
 
 
-def test_metrics_file_in_a_bucket_appends_and_drops_redone_steps(bucket):  # noqa: F811
+def test_metrics_file_in_a_bucket_appends_and_drops_redone_steps(bucket):
     path = "gs://b/run/metrics.jsonl"
     metrics = reporting.MetricsFile(path, 0)
     for step in (2, 4, 6):
@@ -75,7 +78,7 @@ def test_metrics_file_in_a_bucket_appends_and_drops_redone_steps(bucket):  # noq
     assert not [p for p, mode in bucket.opened if "a" in mode]  # no append to an object
 
 
-def test_codebook_checkpoint_listing_and_analysis_in_a_bucket(tok_dir, bucket):  # noqa: F811
+def test_codebook_checkpoint_listing_and_analysis_in_a_bucket(tok_dir, bucket):
     codes = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     frozen.save_codebook("gs://b/run", codes, {"mode": "test"})
     np.testing.assert_array_equal(frozen.load_codebook(rundir.codebook("gs://b/run"), 16, 8),
@@ -101,7 +104,7 @@ def test_codebook_checkpoint_listing_and_analysis_in_a_bucket(tok_dir, bucket): 
     assert list(steps_) == [1] and list(util) == [0.5]
 
 
-def test_shard_spec_and_unfinished_writes_in_a_bucket(bucket):  # noqa: F811
+def test_shard_spec_and_unfinished_writes_in_a_bucket(bucket):
     spec = {"a": 1}
     shards.check_or_write_spec("gs://b/d/spec.json", spec, what="x", remedy="y")
     shards.check_or_write_spec("gs://b/d/spec.json", spec, what="x", remedy="y")
