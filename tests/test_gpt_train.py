@@ -146,3 +146,31 @@ def test_one_command_encodes_trains_samples_and_scores(dirs, tmp_path):
         assert "not computed" in metrics["gfid_protocol"]
     else:
         assert metrics["gfid"] > 0 and results["gfid"] == metrics["gfid"]
+
+
+def test_sharded_parameters_train_like_replicated_ones(dirs, tmp_path):
+    common = {"train.num_steps": 4, "train.log_every": 2, "mesh.data": 4,
+              "optim.schedule": "constant"}
+    gpt_train.run(_config(dirs, **common), str(tmp_path / "replicated"))
+    gpt_train.run(_config(dirs, **common, **{"mesh.shard_params": True}),
+                  str(tmp_path / "sharded"))
+    a, b = _params(str(tmp_path / "replicated")), _params(str(tmp_path / "sharded"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_params_splits_the_large_arrays_over_the_devices():
+    from vqlc import parallel
+    c = gpt_demo.get_config("tiny")
+    c.network.width, c.network.num_layers = 128, 1
+    model = gpt_train.make_model(c, 32, 64)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,), np.int32),
+                                               np.zeros((1, 64), np.int32))["params"])
+    tx = gpt_train.make_optimizer(c.optim, 10, params)
+    state = gpt_train.init_state(model, tx, seed=0, ema=True, mesh=parallel.make_mesh(4),
+                                 shard_params=True)
+    fc = state.params["blocks_0"]["mlp"]["fc"]["kernel"]  # [128, 512]
+    mu = state.opt_state[0].mu["blocks_0"]["mlp"]["fc"]["kernel"]
+    for x in (fc, mu, state.ema_params["blocks_0"]["mlp"]["fc"]["kernel"]):
+        assert x.addressable_shards[0].data.size == x.size // 4
+    assert state.params["ln_f"]["scale"].sharding.is_fully_replicated  # small: stays whole

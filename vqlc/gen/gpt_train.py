@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
+    c.mesh.shard_params = False  # FSDP: split parameters and optimiser states over the devices
     return c
 
 
@@ -190,7 +191,14 @@ class GPTState:
     rng: jax.Array  # uint32 key data; each step folds in its step number
 
 
-def init_state(model, tx, *, seed: int, ema: bool, mesh) -> GPTState:
+# What mesh.shard_params splits over the devices (the step and RNG stay replicated).
+SHARDED_FIELDS = ("params", "opt_state", "ema_params")
+
+
+def init_state(model, tx, *, seed: int, ema: bool, mesh, shard_params: bool = False
+               ) -> GPTState:
+    """The initial state, created straight into its placement: replicated, or with
+    `shard_params` each large parameter and optimiser array split over the data axis."""
     labels = jnp.zeros((1,), jnp.int32)
     codes = jnp.zeros((1, model.num_codes), jnp.int32)
 
@@ -200,7 +208,9 @@ def init_state(model, tx, *, seed: int, ema: bool, mesh) -> GPTState:
         return GPTState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=tx.init(params), ema_params=params if ema else {},
                         rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+    shardings = parallel.state_shardings(mesh, jax.eval_shape(init), shard_params,
+                                         SHARDED_FIELDS)
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def make_train_step(model, tx, config, codebook_size: int):
@@ -286,7 +296,8 @@ def run(config, workdir: str) -> dict:
         jax.random.key(0), jnp.zeros((1,), jnp.int32),
         jnp.zeros((1, model.num_codes), jnp.int32))["params"])
     tx = make_optimizer(config.optim, num_steps, params_shape)
-    state = init_state(model, tx, seed=config.seed, ema=bool(config.optim.ema_decay), mesh=mesh)
+    state = init_state(model, tx, seed=config.seed, ema=bool(config.optim.ema_decay), mesh=mesh,
+                       shard_params=config.mesh.shard_params)
     counts = gpt_lib.param_counts(model)
     logging.info("gpt: %s, %.2fM parameters (%.2fM without embeddings), %d codes of %d per "
                  "sequence, %d training images", config.network.kind, counts["total"] / 1e6,
