@@ -13,4 +13,7 @@ def __getattr__(name):
     if name == "Tokenizer":
         from vqlc.tokenizer import Tokenizer
         return Tokenizer
+    if name == "Generator":
+        from vqlc.gen.loaded import Generator
+        return Generator
     raise AttributeError(f"module 'vqlc' has no attribute {name!r}")

@@ -50,7 +50,9 @@ class GPTGenerator(generator.Generator):
         self.grid = tuple(record["token_grid"])
 
     @classmethod
-    def load(cls, config, workdir: str, *, tokenizer, mesh) -> "GPTGenerator":
+    def load(cls, config, workdir: str, *, tokenizer, mesh,
+             step: int | None = None) -> "GPTGenerator":
+        """The newest checkpoint of `workdir` (or `step`), read-only."""
         if not workdir:
             raise ValueError("config.generator.workdir is empty: set it to a gpt task workdir.")
         record = read_record(workdir)
@@ -66,7 +68,7 @@ class GPTGenerator(generator.Generator):
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                              sharding=replicated), shapes)
         restored, step = checkpoint.restore_subtrees(rundir.checkpoints(workdir),
-                                                     {field: target})
+                                                     {field: target}, step)
         return cls(model, {"params": restored[field]}, record, step, sampler, workdir)
 
     def sample(self, variables, keys, labels):
