@@ -220,23 +220,34 @@ def convert(config, src: str, dst: str, *, codebook_path: Optional[str] = None,
 
     `dst` must not hold a checkpoint yet. The config's codebook is set to <dst>/codebook.npy.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from vqlc import checkpoint, config_io, parallel
-
     if not os.path.isfile(src):
         raise FileNotFoundError(
             f"Checkpoint not found: {src!r}. The release files are vqgan-lc-100K-f16-dim8.pth "
             "and vqgan-lc-100K-f8-dim4.pth (the authors' VQGAN-LC README links them).")
     dst = os.path.abspath(dst)
+    refuse_existing_checkpoints(dst)
+    codebook = read_codebook(codebook_path) if codebook_path else None
+    variables = release_to_variables(read_release_state_dict(src), config, codebook)
+    step = int(config.train.num_steps if step is None or step < 0 else step)
+    write_workdir(config, variables, dst, step)
+    logging.info("Converted %s -> %s (step %d, %d codes of width %d).", src, dst, step,
+                 *variables["codebook"].shape)
+    return step
+
+
+def refuse_existing_checkpoints(dst: str) -> None:
     ckpt_dir = rundir.checkpoints(dst)
     if os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; use a new --dst.")
-    codebook = read_codebook(codebook_path) if codebook_path else None
-    variables = release_to_variables(read_release_state_dict(src), config, codebook)
 
-    step = int(config.train.num_steps if step is None or step < 0 else step)
+
+def write_workdir(config, variables: dict, dst: str, step: int) -> None:
+    """A tokenizer workdir at `dst` from converted `variables` (release_to_variables):
+    config.json, codebook.npy and a TrainState checkpoint at `step` (fresh optimiser states)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vqlc import checkpoint, config_io, parallel
     os.makedirs(dst, exist_ok=True)
     cb_file = rundir.codebook(dst)
     with config.unlocked():
@@ -271,9 +282,6 @@ def convert(config, src: str, dst: str, *, codebook_path: Optional[str] = None,
     manager = checkpoint.make_manager(dst, keep=config.train.keep_checkpoints)
     checkpoint.save(manager, step, state, None, force=True)
     manager.close()
-    logging.info("Converted %s -> %s (step %d, %d codes of width %d).", src, dst, step,
-                 *variables["codebook"].shape)
-    return step
 
 
 def _check_like(state, expected) -> None:
@@ -301,6 +309,12 @@ _CODEBOOK = flags.DEFINE_string(
     "lacks tok_embeddings.weight.", flag_values=FLAGS)
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to write; -1 = config.train.num_steps.",
                              flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "GPT checkpoints (a config with task gpt): an existing tokenizer workdir "
+    "to use instead of converting the checkpoint's vqgan.* part.", flag_values=FLAGS)
+_TOKENIZER_CONFIG = flags.DEFINE_string(
+    "tokenizer_config", "imagenet_lc", "GPT checkpoints: the shipped tokenizer config "
+    "(name[:variant]) matching the checkpoint's vqgan.* part.", flag_values=FLAGS)
 flags.mark_flags_as_required(["src", "dst"], flag_values=FLAGS)
 
 
@@ -312,11 +326,24 @@ def main(argv=None) -> int:
     cli.setup_logging()
 
     def _convert():
+        if _CONFIG.value.get("task") == "gpt":
+            return _convert_gpt()
         step = convert(_CONFIG.value, _SRC.value, _DST.value, codebook_path=_CODEBOOK.value,
                        step=_STEP.value)
         print(f"wrote {os.path.abspath(_DST.value)} (step {step}); load it with "
               f"vqlc.Tokenizer.load({_DST.value!r})")
     return cli.main_wrapper(PROG, _convert)()  # TorchFileError is a ValueError
+
+
+def _convert_gpt() -> None:
+    """The release's GPT checkpoint (vqlc.gen.convert_gpt)."""
+    from vqlc.gen import convert_gpt
+    tokenizer_config = (None if _TOKENIZER.value
+                        else convert_gpt.tokenizer_config_by_name(_TOKENIZER_CONFIG.value))
+    step = convert_gpt.convert_gpt(_CONFIG.value, _SRC.value, _DST.value,
+                                   tokenizer=_TOKENIZER.value, tokenizer_config=tokenizer_config)
+    print(f"wrote {os.path.abspath(_DST.value)} (step {step}); sample it with the sample task: "
+          f"--config.generator.kind=gpt --config.generator.workdir={_DST.value}")
 
 
 if __name__ == "__main__":
