@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests import tiny_tokenizer
-from vqlc import encode_task, parallel
-from vqlc.configs import encode_demo, gpt_demo, sample_demo
+from vqlc import parallel
+from vqlc.configs import gpt_demo, sample_demo
 from vqlc.gen import gpt_train, sample
 
 SAMPLER = {"top_k": 8}  # the sample run's generator.gpt.top_k
@@ -18,12 +18,7 @@ SAMPLER = {"top_k": 8}  # the sample run's generator.gpt.top_k
 def run(tmp_path_factory):
     """A tiny tokenizer, a GPT trained 10 steps on its tokens, and a sample run of that GPT."""
     tok_dir = tiny_tokenizer.make_workdir(str(tmp_path_factory.mktemp("tok") / "run"))
-    c = encode_demo.get_config("tiny")
-    c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "encode.max_images": 32,
-                                  "encode.images_per_shard": 16, "encode.batch_size": 8,
-                                  "encode.what": "codes"})
-    tokens = str(tmp_path_factory.mktemp("enc") / "tokens")
-    encode_task.run(c, tokens)
+    tokens = tiny_tokenizer.make_tokens(tok_dir, str(tmp_path_factory.mktemp("enc") / "tokens"))
     c = gpt_demo.get_config("tiny")
     c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "data.tokens": tokens,
                                   "mesh.data": 1, "eval.at_end": False,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests import tiny_tokenizer
-from vqlc import checkpoint, encode_task, rundir
-from vqlc.configs import encode_demo, gpt_demo
+from vqlc import checkpoint, rundir
+from vqlc.configs import gpt_demo
 from vqlc.gen import gpt_train
 from vqlc.train import reporting
 
@@ -17,12 +17,7 @@ from vqlc.train import reporting
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     tok_dir = tiny_tokenizer.make_workdir(str(tmp_path_factory.mktemp("tok") / "run"))
-    c = encode_demo.get_config("tiny")
-    c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "encode.max_images": 32,
-                                  "encode.images_per_shard": 16, "encode.batch_size": 8,
-                                  "encode.what": "codes"})
-    tokens = str(tmp_path_factory.mktemp("enc") / "tokens")
-    encode_task.run(c, tokens)
+    tokens = tiny_tokenizer.make_tokens(tok_dir, str(tmp_path_factory.mktemp("enc") / "tokens"))
     return tok_dir, tokens
 
 

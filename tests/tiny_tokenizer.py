@@ -33,3 +33,16 @@ def make_workdir(path: str, **overrides) -> str:
     checkpoint.save(manager, STEP, state.replace(step=state.step + STEP), force=True)
     manager.close()
     return path
+
+
+def make_tokens(tok_dir: str, path: str, num_images: int = 32) -> str:
+    """Encodes `num_images` demo crops (codes, each with its mirror image) through the
+    tokenizer at `tok_dir` into an encode workdir at `path`; returns it."""
+    from vqlc import encode_task
+    from vqlc.configs import encode_demo
+    c = encode_demo.get_config("tiny")
+    c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "encode.max_images": num_images,
+                                  "encode.images_per_shard": 16, "encode.batch_size": 8,
+                                  "encode.what": "codes"})
+    encode_task.run(c, path)
+    return path
