@@ -69,9 +69,42 @@ def test_resumed_run_equals_an_uninterrupted_one(dirs, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_on_the_fly_tokens_train_and_resume_exactly(dirs, tmp_path):
+    """data.tokens='on_the_fly': the loss goes down on freshly encoded crops, a resumed run
+    draws the same crops (the image pipeline's state is in the checkpoint), and the batches are
+    the tokenizer's codes of the pipeline's labelled crops."""
+    fly = {"data.tokens": "on_the_fly", "optim.schedule": "constant", "train.log_every": 5}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    gpt_train.run(_config(dirs, **fly, **{"train.num_steps": 40}), one)
+    losses = [r["loss"] for r in reporting.read_metrics(one)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    with open(os.path.join(one, gpt_train.GENERATOR_FILE)) as f:
+        record = json.load(f)
+    assert record["tokens"] == "on_the_fly" and record["num_codes"] == 64
+
+    gpt_train.run(_config(dirs, **fly, **{"train.num_steps": 20}), two)
+    gpt_train.run(_config(dirs, **fly, **{"train.num_steps": 40}), two)
+    for x, y in zip(jax.tree.leaves(_params(one)), jax.tree.leaves(_params(two))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    from vqlc import encode_task
+    from vqlc.data import pipeline
+    from vqlc.gen import token_data
+    from vqlc.tokenizer import Tokenizer
+    tok = Tokenizer.load(dirs[0])
+    data = encode_task.data_config(_config(dirs).data.encode, tok.image_size)
+    images = next(iter(pipeline.labelled_train_dataset(data, batch_size=4, seed=3)))
+    batch = next(token_data.make_encoding_iterator(tok, data, num_classes=7, batch_size=4,
+                                                   seed=3))
+    np.testing.assert_array_equal(batch["codes"], tok.encode(images["image"]))
+    np.testing.assert_array_equal(batch["label"], images["label"])
+    assert len(set(images["label"].tolist())) > 1  # labelled: the source photographs
+    with pytest.raises(ValueError, match="network.num_classes=2"):
+        next(token_data.make_encoding_iterator(tok, data, num_classes=2, batch_size=16, seed=3))
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"network.kind": "gpt5"}, "network.kind='gpt5'"),
-    ({"data.tokens": "on_the_fly"}, "not implemented"),
     ({"objective.pkeep": 0.0}, "objective.pkeep=0.0"),
     ({"network.kind": "llamagen", "objective.pkeep": 0.8}, "llamagen trains on clean"),
     ({"optim.schedule": "step"}, "optim.schedule='step'"),

@@ -228,7 +228,7 @@ def _manifest(tok, config, data, source, num_images: int) -> dict:
         "augment": e.augment, "copies": AUGMENTS[e.augment],
         "crop_scale": float(e.crop_scale) if e.augment == "ten_crop" else None,
         "crop": e.crop, "seed": int(config.seed) if e.crop == "random" else None,
-        "image_size": data.image_size, "resize_shorter": pipeline._resize_shorter(data),
+        "image_size": data.image_size, "resize_shorter": pipeline.resize_shorter(data),
         "num_images": num_images, "images_per_shard": int(e.images_per_shard),
         "num_shards": shards.num_shards(num_images, e.images_per_shard),
         "arrays": arrays, "dataset": dataset_description(data, e.split, source)}
@@ -285,7 +285,7 @@ def _encode_shards(tok, config, data, source, directory, pending, num_images) ->
     count, index = jax.process_count(), jax.process_index()
     local = e.batch_size // count
     indices = process_indices(pending, num_images, e.images_per_shard, e.batch_size, index, count)
-    views = _Views(source, indices, data.image_size, pipeline._resize_shorter(data), e.crop,
+    views = _Views(source, indices, data.image_size, pipeline.resize_shorter(data), e.crop,
                    e.augment, e.crop_scale, config.seed)
     ds = grain.MapDataset.range(len(indices)).map(views).batch(local, drop_remainder=False)
     ds = ds.to_iter_dataset(pipeline._read_options(data.num_workers))

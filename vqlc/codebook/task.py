@@ -196,7 +196,7 @@ def make_codebook(config, features_dir: str, backbone=None) -> tuple[np.ndarray,
         mesh_devices = mesh_devices[:config.mesh.data]
     random_crop = None
     if f.crop == "random":
-        random_crop = (config.data.image_size, pipeline._resize_shorter(config.data))
+        random_crop = (config.data.image_size, pipeline.resize_shorter(config.data))
     shards = features_lib.extract_features(
         backbone, source, features_dir, pool=f.pool, batch_size=f.batch_size,
         images_per_shard=f.images_per_shard, max_images=f.max_images, dtype=f.dtype,

@@ -56,7 +56,7 @@ def _max_bad_fraction(cfg) -> float:
     return float(cfg.get("max_bad_fraction", sources.DEFAULT_MAX_BAD_FRACTION))
 
 
-def _resize_shorter(cfg) -> int:
+def resize_shorter(cfg) -> int:
     """Resize target of the transforms; 0 for the demo, whose source already sizes its photos."""
     if cfg.kind == "demo":
         return 0
@@ -114,6 +114,21 @@ def make_train_iterator(cfg, *, batch_size: int, seed: int, shard_index: int = 0
     ``batch_size`` is the per-process batch. The iterator has ``get_state()`` / ``set_state()``;
     a restored iterator yields exactly the batches the original would have yielded next.
     """
+    ds = _train_dataset(cfg, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                        shard_count=shard_count, keep_label=False)
+    return iter(ds.map(transforms.NormalizeBatch()))  # in this process: workers pass uint8
+
+
+def labelled_train_dataset(cfg, *, batch_size: int, seed: int, shard_index: int = 0,
+                           shard_count: int = 1) -> grain.IterDataset:
+    """The crops make_train_iterator draws, as batches of {'image': uint8 [batch_size, S, S, 3],
+    'label': int32 [batch_size]} (what Tokenizer.encode takes), before iteration."""
+    return _train_dataset(cfg, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                          shard_count=shard_count, keep_label=True)
+
+
+def _train_dataset(cfg, *, batch_size: int, seed: int, shard_index: int, shard_count: int,
+                   keep_label: bool) -> grain.IterDataset:
     _check_args(cfg, shard_index, shard_count)
     source = make_source(cfg, "train")
     if len(source) == 0:
@@ -122,14 +137,12 @@ def make_train_iterator(cfg, *, batch_size: int, seed: int, shard_index: int = 0
     ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=shuffle_seed)  # indices past len(source) get a new permutation per epoch
     ds = ds.repeat(None)
-    ds = ds.random_map(
-        transforms.TrainTransform(cfg.image_size, _resize_shorter(cfg)), seed=crop_seed)
+    ds = ds.random_map(transforms.TrainTransform(cfg.image_size, resize_shorter(cfg),
+                                                 keep_label=keep_label), seed=crop_seed)
     ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.to_iter_dataset(_read_options(cfg.num_workers))
-    ds = _maybe_multiprocess(ds, cfg.num_workers)
-    ds = ds.map(transforms.NormalizeBatch())  # in this process: workers pass uint8 around
-    return iter(ds)
+    return _maybe_multiprocess(ds, cfg.num_workers)
 
 
 def num_eval_examples(cfg) -> int:
@@ -194,7 +207,7 @@ def make_eval_iterator(cfg, *, batch_size: int, shard_index: int = 0, shard_coun
     appears exactly once, and all yield the same number of batches.
     """
     size = cfg.image_size
-    crop = _CentreCrop(transforms.EvalTransform(size, _resize_shorter(cfg)))
+    crop = _CentreCrop(transforms.EvalTransform(size, resize_shorter(cfg)))
     ds = _eval_dataset(cfg, crop, (size, size, 3), np.uint8, batch_size=batch_size,
                        shard_index=shard_index, shard_count=shard_count)
     return _closing(iter(ds.map(transforms.NormalizeBatch())))

@@ -102,17 +102,21 @@ class TrainTransform(grain.transforms.RandomMap):
     ``rng`` that grain derives from the pipeline seed and the record's position.
     """
 
-    def __init__(self, image_size: int, resize_shorter: int):
+    def __init__(self, image_size: int, resize_shorter: int, keep_label: bool = False):
         if resize_shorter and resize_shorter < image_size:
             raise ValueError(f"resize_shorter {resize_shorter} < image_size {image_size}.")
         self.image_size = image_size
         self.resize_shorter = resize_shorter
+        self.keep_label = keep_label
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image = element["image"]
         if self.resize_shorter:
             image = resize_shorter_side(image, self.resize_shorter)
-        return {"image": random_crop(image, self.image_size, rng)}
+        out = {"image": random_crop(image, self.image_size, rng)}
+        if self.keep_label:
+            out["label"] = np.int32(element["label"])
+        return out
 
 
 class EvalTransform(grain.transforms.Map):

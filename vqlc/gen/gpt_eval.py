@@ -49,7 +49,7 @@ def reference_crops(data, per_class: int, num_classes: int, seed: int) -> tuple:
     """uint8 [N, S, S, 3] held-out crops of the training images and their labels, per_class
     of each class (the first images of each class in the source's order)."""
     source = pipeline.make_source(data, "train")
-    resize = pipeline._resize_shorter(data)
+    resize = pipeline.resize_shorter(data)
     known = getattr(source, "labels", None)  # folders know their labels without decoding
     images, labels, taken = [], [], np.zeros(num_classes, np.int64)
     for i in range(len(source)):

@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.tokens = ""  # an encode workdir made by that tokenizer; "" = encode into
     # <workdir>/tokens first, with the nested encode-task config data.encode (its
-    # tokenizer.workdir is this config's)
+    # tokenizer.workdir is this config's); "on_the_fly" = encode each step's random crops of
+    # data.encode.data as training draws them (the release's way; see vqlc/gen/token_data.py)
     from vqlc import encode_task
     c.data.encode = encode_task.base_config()
     c.data.encode.encode.what = "codes"
@@ -116,10 +117,6 @@ def check_config(config) -> None:
     if not config.tokenizer.workdir:
         raise ValueError("config.tokenizer.workdir is empty: set it to the tokenizer whose "
                          "tokens the GPT models (a trained tokenizer workdir).")
-    if config.data.tokens == "on_the_fly":
-        raise NotImplementedError(
-            "data.tokens='on_the_fly' (encoding during training, the release's way) is not "
-            "implemented; encode once with the encode task and set data.tokens to its workdir.")
     if not 0.0 < o.pkeep <= 1.0:
         raise ValueError(f"objective.pkeep={o.pkeep} must be in (0, 1].")
     if o.pkeep < 1.0 and n.kind != "mingpt":
@@ -252,7 +249,7 @@ def generator_record(config, tokenizer, num_codes: int, grid: tuple, images: int
                 tokenizer.config.quantizer.codebook_size),
             "token_grid": [int(g) for g in grid], "num_codes": int(num_codes),
             "image_size": int(tokenizer.config.data.image_size),
-            "tokens": rundir.absolute(tokens), "num_images": int(images),
+            "tokens": tokens, "num_images": int(images),
             "ema": bool(config.optim.ema_decay)}
 
 
@@ -276,10 +273,24 @@ def run(config, workdir: str) -> dict:
     parallel.check_batch_size(config.train.batch_size, mesh)
     cadence = loop.Cadence.from_config(config.train)
     tok = Tokenizer.load(config.tokenizer.workdir)
-    images = token_data.ImageCopies(tokens_workdir(config, workdir), expect_tokenizer=tok)
-    _check_labels(images, config.network.num_classes)
-    grid = images.copy(0, 0)["codes"].shape
     codebook_size = int(tok.config.quantizer.codebook_size)
+    local_batch = parallel.local_batch_size(config.train.batch_size)
+    if config.data.tokens == token_data.ON_THE_FLY:
+        from vqlc import encode_task
+        data = encode_task.data_config(config.data.encode, tok.image_size)
+        side = tok.image_size // tok.downsample_factor
+        grid, tokens, num_images = (side, side), token_data.ON_THE_FLY, 0
+        train_it = token_data.make_encoding_iterator(
+            tok, data, num_classes=config.network.num_classes, batch_size=local_batch,
+            seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+    else:
+        images = token_data.ImageCopies(tokens_workdir(config, workdir), expect_tokenizer=tok)
+        _check_labels(images, config.network.num_classes)
+        grid = images.copy(0, 0)["codes"].shape
+        tokens, num_images = rundir.absolute(images.rows.workdir), len(images)
+        train_it = token_data.make_token_iterator(
+            images, batch_size=local_batch, seed=config.seed, shard_index=jax.process_index(),
+            shard_count=jax.process_count())
     model = make_model(config, codebook_size, int(np.prod(grid)))
 
     if config.eval.at_end:
@@ -287,8 +298,7 @@ def run(config, workdir: str) -> dict:
         gpt_eval.prepare_reference(config, workdir, tok)
     storage.makedirs(workdir)
     config_io.write_or_check(config, workdir)
-    record = generator_record(config, tok, int(np.prod(grid)), grid, len(images),
-                              images.rows.workdir)
+    record = generator_record(config, tok, int(np.prod(grid)), grid, num_images, tokens)
     if jax.process_index() == 0:
         atomic_io.atomic_write_json(rundir.join(workdir, GENERATOR_FILE), record)
     num_steps = config.train.num_steps
@@ -300,13 +310,9 @@ def run(config, workdir: str) -> dict:
                        shard_params=config.mesh.shard_params)
     counts = gpt_lib.param_counts(model)
     logging.info("gpt: %s, %.2fM parameters (%.2fM without embeddings), %d codes of %d per "
-                 "sequence, %d training images", config.network.kind, counts["total"] / 1e6,
+                 "sequence, tokens from %s", config.network.kind, counts["total"] / 1e6,
                  counts["total_without_embeddings"] / 1e6, model.num_codes, codebook_size,
-                 len(images))
-
-    train_it = token_data.make_token_iterator(
-        images, batch_size=parallel.local_batch_size(config.train.batch_size),
-        seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+                 tokens)
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
     state, start = loop.resume(manager, state, train_it)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)

@@ -65,7 +65,7 @@ def bank_indices(source, num_classes: int, per_class: int) -> np.ndarray:
 def bank_images(data, split: str, indices: np.ndarray, crop: str, seed: int) -> np.ndarray:
     """uint8 [*indices.shape, S, S, 3]: the records at `indices`, cropped as configured."""
     source = pipeline.make_source(data, split)
-    resize = pipeline._resize_shorter(data)  # noqa: SLF001 (the pipeline's own rule)
+    resize = pipeline.resize_shorter(data)
     if crop == "random":
         transform = transforms.TrainTransform(data.image_size, resize)
         crop_fn = lambda rec, i: transform.random_map(  # noqa: E731

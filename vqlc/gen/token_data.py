@@ -1,17 +1,23 @@
-"""Training batches of token maps from an encode workdir, for the GPT generators.
+"""Training batches of token maps for the GPT generators: from an encode workdir, or encoded
+from image batches as training draws them (data.tokens='on_the_fly', the release's way).
 
 Each image of the dataset appears once per epoch, as one of its augmented copies (the image or
 its mirror image for encode.augment='flip', one of ten crops for 'ten_crop') chosen at random
 per epoch and image: what a pixel pipeline's random flip gives, without encoding again. The
 order and the choice are functions of the seed and the record's position only, so batches are
 the same for any number of processes and a restored iterator continues exactly.
+
+On the fly, each step's images are the tokenizer's training crops (vqlc.data.pipeline, random
+crop, no flip) of the encode config's dataset, encoded by the tokenizer as they arrive: every
+epoch sees new crops, at the cost of an encoder pass per step. The iterator's state is the
+image pipeline's, so a resumed run draws the same crops.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from vqlc import extras
-from vqlc.data import encoded
+from vqlc.data import encoded, pipeline
 
 with extras.needed("train"):
     import grain
@@ -72,3 +78,35 @@ def make_token_iterator(images: ImageCopies, *, batch_size: int, seed: int,
     ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True)
     return iter(ds.to_iter_dataset())
+
+
+ON_THE_FLY = "on_the_fly"
+
+
+class _EncodeBatch(grain.transforms.Map):
+    """{'image': uint8 batch, 'label'} -> {'codes': int32 [B, h, w], 'label': int32 [B]}."""
+
+    def __init__(self, tokenizer, num_classes: int):
+        self.tokenizer = tokenizer
+        self.num_classes = num_classes
+
+    def map(self, batch: dict) -> dict:
+        labels = np.asarray(batch["label"], np.int32)
+        if self.num_classes == 0:  # unconditional: every image gets the start token
+            labels = np.zeros_like(labels)
+        elif labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"The training data has labels in [{labels.min()}, "
+                             f"{labels.max()}] but network.num_classes={self.num_classes}; set "
+                             f"it to at least {labels.max() + 1}.")
+        return {"codes": self.tokenizer.encode(batch["image"]).astype(np.int32),
+                "label": labels}
+
+
+def make_encoding_iterator(tokenizer, data, *, num_classes: int, batch_size: int, seed: int,
+                           shard_index: int = 0, shard_count: int = 1):
+    """Infinite iterator of {'codes': int32 [batch_size, h, w], 'label': int32 [batch_size]}
+    encoded from the training crops of `data` (a data config at the tokenizer's image size),
+    ``batch_size`` per process, with get_state() / set_state()."""
+    ds = pipeline.labelled_train_dataset(data, batch_size=batch_size, seed=seed,
+                                         shard_index=shard_index, shard_count=shard_count)
+    return iter(ds.map(_EncodeBatch(tokenizer, num_classes)))
