@@ -106,22 +106,35 @@ def config_names() -> list[str]:
     return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n[0] != "_")
 
 
+def shipped_config_path(value: str) -> str:
+    """'<name>[:variant]' of a config shipped in vqlc/configs -> '<its file>[:variant]';
+    an unknown name is a ValueError listing the shipped ones."""
+    name, sep, variant = value.partition(":")
+    if name not in config_names():
+        raise ValueError(f"--config={value}: no config named {name!r}; shipped configs: "
+                         f"{', '.join(config_names())} (or give a file path).")
+    import vqlc.configs
+    return os.path.join(os.path.dirname(vqlc.configs.__file__), name + ".py") + sep + variant
+
+
+def shipped_config(value: str):
+    """The ConfigDict of '<name>[:variant]', a config shipped in vqlc/configs."""
+    import importlib
+    shipped_config_path(value)  # checks the name
+    name, _, variant = value.partition(":")
+    return importlib.import_module(f"vqlc.configs.{name}").get_config(variant)
+
+
 def _config_by_name(arg: str) -> str:
     """--config=<name>[:variant] (a config shipped in vqlc/configs, so that an installed
     package runs it) becomes that file's path; a path (with a '/' or '.py') stays."""
     for prefix in ("--config=", "-config="):
         if arg.startswith(prefix):
             value = arg[len(prefix):]
-            name, sep, variant = value.partition(":")
+            name = value.partition(":")[0]
             if not name or "/" in name or os.sep in name or name.endswith(".py"):
                 return arg
-            if name not in config_names():
-                raise ValueError(
-                    f"--config={value}: no config named {name!r}; shipped configs: "
-                    f"{', '.join(config_names())} (or give a file path).")
-            import vqlc.configs
-            path = os.path.join(os.path.dirname(vqlc.configs.__file__), name + ".py")
-            return f"{prefix}{path}{sep}{variant}"
+            return prefix + shipped_config_path(value)
     return arg
 
 

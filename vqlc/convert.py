@@ -339,7 +339,7 @@ def _convert_gpt() -> None:
     """The release's GPT checkpoint (vqlc.gen.convert_gpt)."""
     from vqlc.gen import convert_gpt
     tokenizer_config = (None if _TOKENIZER.value
-                        else convert_gpt.tokenizer_config_by_name(_TOKENIZER_CONFIG.value))
+                        else cli.shipped_config(_TOKENIZER_CONFIG.value))
     step = convert_gpt.convert_gpt(_CONFIG.value, _SRC.value, _DST.value,
                                    tokenizer=_TOKENIZER.value, tokenizer_config=tokenizer_config)
     print(f"wrote {os.path.abspath(_DST.value)} (step {step}); sample it with the sample task: "

@@ -54,9 +54,8 @@ def read_json(path):
 
 def load_npy(path, *, mmap: bool = False):
     """np.load of a .npy (or .npz) file; memory-mapped when `mmap` and the file is local."""
-    if not is_remote(path):
-        return np.load(str(path), mmap_mode="r" if mmap else None, allow_pickle=False)
-    return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
+    mmap_mode = "r" if mmap and not is_remote(path) else None
+    return np.load(local_file(path), mmap_mode=mmap_mode, allow_pickle=False)
 
 
 def local_file(path) -> str | io.BytesIO:

@@ -193,13 +193,6 @@ def write_tokenizer_workdir(tokenizer_config, release: Mapping[str, np.ndarray],
     return dst
 
 
-def tokenizer_config_by_name(name: str):
-    """'imagenet_lc' or 'imagenet_lc:f8' (a config shipped in vqlc/configs)."""
-    import importlib
-    module, _, variant = name.partition(":")
-    return importlib.import_module(f"vqlc.configs.{module}").get_config(variant)
-
-
 # ---------------------------------------------------------------------------------- the workdir
 
 def _save(dst: str, state, step: int, keep: int) -> None:
@@ -250,15 +243,18 @@ def convert_gpt(config, src: str, dst: str, *, tokenizer: Optional[str] = None,
     tokenizer_config: the geometry of the embedded `vqgan.*` tokenizer (a tokenizer config,
     default imagenet_lc); unused with `tokenizer`.
     """
-    from vqlc import config_io
+    import copy
+
+    from vqlc import cli, config_io
     from vqlc.gen import gpt_train
     from vqlc.tokenizer import Tokenizer
+    config = copy.deepcopy(config)  # the tokenizer workdir is filled in below
     check_gpt_config(config)
     dst = os.path.abspath(dst)
     convert.refuse_existing_checkpoints(dst)
     gpt, vqgan = split_gpt_release(read_gpt_release(src))
     if tokenizer is None:
-        tok_config = tokenizer_config or tokenizer_config_by_name("imagenet_lc")
+        tok_config = tokenizer_config or cli.shipped_config("imagenet_lc")
         tokenizer = write_tokenizer_workdir(tok_config, vqgan, os.path.join(dst, TOKENIZER_SUBDIR))
     del vqgan  # the 100K x 768 codebook need not stay in memory
     tok = Tokenizer.load(tokenizer)
@@ -272,8 +268,8 @@ def convert_gpt(config, src: str, dst: str, *, tokenizer: Optional[str] = None,
         config.tokenizer.workdir = rundir.absolute(tokenizer)
     os.makedirs(dst, exist_ok=True)
     config_io.write_or_check(config, dst)
+    # No token dataset (""): the weights come from the release.
     record = gpt_train.generator_record(config, tok, num_codes, grid, 0, "")
-    record["tokens"] = ""  # no token dataset: the weights come from the release
     atomic_io.atomic_write_json(rundir.join(dst, gpt_train.GENERATOR_FILE), record)
     step = int(config.train.num_steps)
     _save(dst, gpt_state(config, model, params), step, config.train.keep_checkpoints)

@@ -49,8 +49,11 @@ def import_without_package_init(package: str, names):
 
 
 with extras.needed("train", "TensorBoard metrics"):
-    interface, logging_writer, multi_writer = import_without_package_init(
-        CLU_WRITERS, ("interface", "logging_writer", "multi_writer"))
+    try:
+        interface, logging_writer, multi_writer = import_without_package_init(
+            CLU_WRITERS, ("interface", "logging_writer", "multi_writer"))
+    except ImportError:  # another clu layout: its public package (which may need TensorFlow)
+        from clu.metric_writers import interface, logging_writer, multi_writer
     from tensorboardX import event_file_writer
     from tensorboardX import summary as tensorboardx_summary
     from tensorboardX.proto import event_pb2
