@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from vqlc import parallel  # noqa: E402
 from vqlc.configs import gpt_demo  # noqa: E402
-from vqlc.gen import gpt_train  # noqa: E402
+from vqlc.gen import gpt_train, trainer  # noqa: E402
 from vqlc.gen.samplers import autoregressive as ar  # noqa: E402
 
 TORCH_VENV = "/work/venv-torch/bin/python"
@@ -110,7 +110,7 @@ class JaxGPT:
         params_shape = jax.eval_shape(lambda: self.model.init(
             jax.random.key(0), jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, codes.shape[1]), jnp.int32))["params"])
-        tx = gpt_train.make_optimizer(config.optim, config.train.num_steps, params_shape)
+        tx = trainer.make_optimizer(config.optim, config.train.num_steps, params_shape)
         self.state = gpt_train.init_state(self.model, tx, seed=config.seed, ema=False,
                                           mesh=parallel.make_mesh(1))
         self.step_fn = jax.jit(gpt_train.make_train_step(self.model, tx, config,

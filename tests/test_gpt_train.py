@@ -10,7 +10,7 @@ import pytest
 from tests import tiny_tokenizer
 from vqlc import checkpoint, rundir
 from vqlc.configs import gpt_demo
-from vqlc.gen import gpt_train
+from vqlc.gen import gpt_train, trainer
 from vqlc.train import reporting
 
 
@@ -194,7 +194,7 @@ def test_shard_params_splits_the_large_arrays_over_the_devices():
     model = gpt_train.make_model(c, 32, 64)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1,), np.int32),
                                                np.zeros((1, 64), np.int32))["params"])
-    tx = gpt_train.make_optimizer(c.optim, 10, params)
+    tx = trainer.make_optimizer(c.optim, 10, params)
     state = gpt_train.init_state(model, tx, seed=0, ema=True, mesh=parallel.make_mesh(4),
                                  shard_params=True)
     fc = state.params["blocks_0"]["mlp"]["fc"]["kernel"]  # [128, 512]

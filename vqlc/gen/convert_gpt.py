@@ -17,7 +17,7 @@ tokenizer release's keys, vqlc.convert.RELEASE_KEY_MAP). DeepSpeed's
 
 The workdir written is the one the gpt task writes: config.json (tokenizer.workdir set to the
 tokenizer used), generator.json (gpt_train.generator_record; no token dataset) and
-checkpoints/<step>/ (orbax) holding a GPTState: the release's weights in float32, fresh
+checkpoints/<step>/ (orbax) holding a TrainState (vqlc.gen.trainer): the release's weights in float32, fresh
 optimiser state, step = config.train.num_steps. The tokenizer is written from `vqgan.*` to
 <dst>/tokenizer with --tokenizer_config's geometry, unless --tokenizer=<workdir> is given (then
 `vqgan.*` may be absent and is ignored).
@@ -203,24 +203,21 @@ def _save(dst: str, state, step: int, keep: int) -> None:
 
 
 def gpt_state(config, model, params):
-    """A GPTState holding `params`, checked against the gpt task's own (init_state) structure,
+    """A TrainState holding `params`, checked against the gpt task's own (init_state) structure,
     shapes and dtypes, so resuming and GPTGenerator.load restore into it."""
     import jax
     import jax.numpy as jnp
 
     from vqlc import parallel
-    from vqlc.gen import gpt_train
+    from vqlc.gen import gpt_train, trainer
     params = jax.tree.map(jnp.asarray, params)
-    tx = gpt_train.make_optimizer(config.optim, config.train.num_steps, params)
+    tx = trainer.make_optimizer(config.optim, config.train.num_steps, params)
     ema = bool(config.optim.ema_decay)
     mesh = parallel.make_mesh(1)
     expected = jax.eval_shape(lambda: gpt_train.init_state(model, tx, seed=config.seed,
                                                            ema=ema, mesh=mesh))
-    key = jax.random.key(config.seed)
-    state = gpt_train.GPTState(
-        step=jnp.asarray(config.train.num_steps, jnp.int32), params=params,
-        opt_state=tx.init(params), ema_params=params if ema else {},
-        rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+    state = trainer.fresh_state(params, tx, seed=config.seed, ema=ema,
+                                step=config.train.num_steps)
     convert._check_like(state, expected)
     return jax.device_put(state, parallel.replicated(mesh))
 

@@ -18,23 +18,18 @@ network, which is what `Generator.load` / the `sample` task need besides the che
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, checkpoint, config_io, parallel, rundir, storage
-from vqlc.gen import token_data
+from vqlc import atomic_io, config_io, parallel, rundir, storage
+from vqlc.gen import token_data, trainer
 from vqlc.gen.networks import gpt as gpt_lib
 from vqlc.gen.objectives import next_token
 from vqlc.train import loop, reporting
 
 GENERATOR_FILE = "generator.json"
-SCHEDULES = ("linear", "cosine", "constant")
-DECAY_ON = ("kernels", "matrices")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,18 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.chunk_size = 32  # sequence positions per chunk of the cross-entropy
     c.objective.restrict_to_codes = False  # softmax over image codes only (release: all ids)
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 4.5e-4
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.01
-    c.optim.decay_on = "kernels"  # kernels (minGPT: linear layers) | matrices (every >= 2-D)
-    c.optim.warmup_steps = 0
-    c.optim.schedule = "linear"  # after warm-up: linear | cosine (to 0), or constant
-    c.optim.grad_clip = 0.0  # global-norm clip; 0 = none
-    c.optim.ema_decay = 0.0  # EMA of the weights; 0 = none
-
+    c.optim = trainer.optim_config(lr=4.5e-4, b2=0.95, weight_decay=0.01, schedule="linear")
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 1024  # global, over all devices and processes
     c.train.num_steps = 100_000
@@ -124,12 +108,8 @@ def check_config(config) -> None:
                          "trains on clean inputs.")
     if o.chunk_size < 1:
         raise ValueError(f"objective.chunk_size={o.chunk_size} must be >= 1.")
-    if opt.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={opt.schedule!r}; valid: {', '.join(SCHEDULES)}.")
-    if opt.decay_on not in DECAY_ON:
-        raise ValueError(f"optim.decay_on={opt.decay_on!r}; valid: {', '.join(DECAY_ON)}.")
-    if not 0.0 <= opt.ema_decay < 1.0:
-        raise ValueError(f"optim.ema_decay={opt.ema_decay} must be in [0, 1).")
+    trainer.check_optim(opt)
+    loop.Cadence.from_config(config.train)
     if not 0.0 <= n.class_dropout < 1.0:
         raise ValueError(f"network.class_dropout={n.class_dropout} must be in [0, 1).")
     if config.model.remat not in ("none", "blocks"):
@@ -148,70 +128,20 @@ def make_model(config, codebook_size: int, num_codes: int) -> gpt_lib._GPT:
     return gpt_lib.make_gpt(n.kind, **fields)
 
 
-def learning_rate_schedule(optim, num_steps: int):
-    import optax
-    warmup = min(optim.warmup_steps, num_steps)
-    decay_steps = max(num_steps - warmup, 1)
-    after = {"linear": optax.linear_schedule(optim.lr, 0.0, decay_steps),
-             "cosine": optax.cosine_decay_schedule(optim.lr, decay_steps),
-             "constant": optax.constant_schedule(optim.lr)}[optim.schedule]
-    if not warmup:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
-
-
-def weight_decay_mask(params, decay_on: str):
-    """Which parameters AdamW decays: minGPT decays its linear layers' weights only (no
-    biases, norms, embeddings); LlamaGen every parameter of two or more dimensions."""
-    def decayed(path, leaf):
-        if decay_on == "matrices":
-            return len(leaf.shape) >= 2
-        return getattr(path[-1], "key", None) == "kernel"
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
-def make_optimizer(optim, num_steps: int, params):
-    import optax
-    adamw = optax.adamw(learning_rate_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
-                        eps=optim.eps, weight_decay=optim.weight_decay,
-                        mask=weight_decay_mask(params, optim.decay_on))
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw) \
-        if optim.grad_clip > 0 else adamw
-
-
-@flax.struct.dataclass
-class GPTState:
-    step: jax.Array  # int32: optimiser steps taken
-    params: Any
-    opt_state: Any
-    ema_params: Any  # the EMA of params (an empty dict when optim.ema_decay = 0)
-    rng: jax.Array  # uint32 key data; each step folds in its step number
-
-
-# What mesh.shard_params splits over the devices (the step and RNG stay replicated).
-SHARDED_FIELDS = ("params", "opt_state", "ema_params")
+def init_params_fn(model):
+    """key -> the model's initial parameters (for trainer.init_state)."""
+    labels = jnp.zeros((1,), jnp.int32)
+    codes = jnp.zeros((1, model.num_codes), jnp.int32)
+    return lambda key: model.init(key, labels, codes)["params"]
 
 
 def init_state(model, tx, *, seed: int, ema: bool, mesh, shard_params: bool = False
-               ) -> GPTState:
-    """The initial state, created straight into its placement: replicated, or with
-    `shard_params` each large parameter and optimiser array split over the data axis."""
-    labels = jnp.zeros((1,), jnp.int32)
-    codes = jnp.zeros((1, model.num_codes), jnp.int32)
-
-    def init():
-        key = jax.random.key(seed)
-        params = model.init(key, labels, codes)["params"]
-        return GPTState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=tx.init(params), ema_params=params if ema else {},
-                        rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-    shardings = parallel.state_shardings(mesh, jax.eval_shape(init), shard_params,
-                                         SHARDED_FIELDS)
-    return jax.jit(init, out_shardings=shardings)()
+               ) -> trainer.TrainState:
+    return trainer.init_state(init_params_fn(model), tx, seed=seed, ema=ema, mesh=mesh,
+                              shard_params=shard_params)
 
 
 def make_train_step(model, tx, config, codebook_size: int):
-    import optax
     o, ema_decay = config.objective, config.optim.ema_decay
     restrict = codebook_size if o.restrict_to_codes else None
 
@@ -225,21 +155,7 @@ def make_train_step(model, tx, config, codebook_size: int):
             hidden, gpt_lib.head_kernel({"params": params}), codes,
             chunk_size=o.chunk_size, restrict_to=restrict)
 
-    def train_step(state: GPTState, batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = (optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-               if ema_decay else state.ema_params)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema)
-        finite = jnp.isfinite(loss)
-        # A non-finite step leaves the state as it was (the loop then stops with an error).
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        return new, {"loss": loss, "finite": finite.astype(jnp.float32),
-                     "grad_norm": optax.global_norm(grads)}
-    return train_step
+    return trainer.make_train_step(lambda *args: (loss_fn(*args), {}), tx, ema_decay)
 
 
 def generator_record(config, tokenizer, num_codes: int, grid: tuple, images: int,
@@ -271,7 +187,6 @@ def run(config, workdir: str) -> dict:
     config_io.check_compatible(config, workdir)
     mesh = parallel.make_mesh(config.mesh.data)
     parallel.check_batch_size(config.train.batch_size, mesh)
-    cadence = loop.Cadence.from_config(config.train)
     tok = Tokenizer.load(config.tokenizer.workdir)
     codebook_size = int(tok.config.quantizer.codebook_size)
     local_batch = parallel.local_batch_size(config.train.batch_size)
@@ -302,10 +217,8 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         atomic_io.atomic_write_json(rundir.join(workdir, GENERATOR_FILE), record)
     num_steps = config.train.num_steps
-    params_shape = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, model.num_codes), jnp.int32))["params"])
-    tx = make_optimizer(config.optim, num_steps, params_shape)
+    params_shape = jax.eval_shape(init_params_fn(model), jax.random.key(0))
+    tx = trainer.make_optimizer(config.optim, num_steps, params_shape)
     state = init_state(model, tx, seed=config.seed, ema=bool(config.optim.ema_decay), mesh=mesh,
                        shard_params=config.mesh.shard_params)
     counts = gpt_lib.param_counts(model)
@@ -313,27 +226,9 @@ def run(config, workdir: str) -> dict:
                  "sequence, tokens from %s", config.network.kind, counts["total"] / 1e6,
                  counts["total_without_embeddings"] / 1e6, model.num_codes, codebook_size,
                  tokens)
-    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
-    state, start = loop.resume(manager, state, train_it)
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(make_train_step(model, tx, config, codebook_size), donate_argnums=(0,),
-                         out_shardings=(state_sharding, parallel.replicated(mesh)))
-    reporter = reporting.Reporter(workdir, num_steps=num_steps, start_step=start,
-                                  batch_size=config.train.batch_size,
-                                  progress_bar=config.train.progress_bar)
-    schedule = learning_rate_schedule(config.optim, num_steps)
-
-    def on_log(step, state, scalars):
-        scalars["lr"] = float(schedule(step))
-        return state, scalars
-
-    state, step, stopped = loop.run_loop(
-        state, train_step=train_step,
-        next_batch=lambda: parallel.global_batch(next(train_it), mesh), num_steps=num_steps,
-        cadence=cadence, manager=manager, reporter=reporter, data_iterator=train_it,
-        on_log=on_log, start_step=start)
-    reporter.close()
-    manager.close()
+    state, step, stopped = trainer.fit(
+        config, workdir, state=state, train_step=make_train_step(model, tx, config, codebook_size),
+        train_it=train_it, mesh=mesh)
     last = reporting.read_metrics(workdir)
     results = {"step": step, "stopped": stopped, "parameters": counts["total"],
                "loss": last[-1]["loss"] if last else None}
