@@ -35,14 +35,14 @@ def make_workdir(path: str, **overrides) -> str:
     return path
 
 
-def make_tokens(tok_dir: str, path: str, num_images: int = 32) -> str:
-    """Encodes `num_images` demo crops (codes, each with its mirror image) through the
-    tokenizer at `tok_dir` into an encode workdir at `path`; returns it."""
+def make_tokens(tok_dir: str, path: str, num_images: int = 32, what: str = "codes") -> str:
+    """Encodes `num_images` demo crops (codes or latents, each with its mirror image) through
+    the tokenizer at `tok_dir` into an encode workdir at `path`; returns it."""
     from vqlc import encode_task
     from vqlc.configs import encode_demo
     c = encode_demo.get_config("tiny")
     c.update_from_flattened_dict({"tokenizer.workdir": tok_dir, "encode.max_images": num_images,
                                   "encode.images_per_shard": 16, "encode.batch_size": 8,
-                                  "encode.what": "codes"})
+                                  "encode.what": what})
     encode_task.run(c, path)
     return path

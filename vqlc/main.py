@@ -19,6 +19,7 @@ TASKS = {
     "encode": "vqlc.encode_task:run",  # a dataset -> shards of tokens / latents
     "sample": "vqlc.gen.sample:run",  # a generator's samples -> samples.npz (ADM layout)
     "gpt": "vqlc.gen.gpt_train:run",  # a GPT over the token maps of an encode workdir
+    "diffusion": "vqlc.gen.diffusion_train:run",  # DiT / SiT over latents
 }
 
 PROG = "vqlc.main"

@@ -6,7 +6,7 @@
 
 encodes the demo's training crops (each with its mirror image) into <workdir>/tokens, trains,
 then samples 20 per class and scores them (<workdir>/eval/metrics.json, eval/samples.png; see
-vqlc/gen/gpt_eval.py). --config.data.tokens=<an encode workdir> skips the encoding.
+vqlc/gen/evaluation.py). --config.data.tokens=<an encode workdir> skips the encoding.
 
 The release's minGPT at toy size (4 layers, width 192, 4 heads) over the demo's 8x8 token maps
 of 512 codes, 7 classes (the photographs), pkeep 0.8 as the release; AdamW (0.9, 0.95), weight
@@ -35,9 +35,9 @@ def get_config(arg: str = ""):
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.train.batch_size = 32
-    c.train.num_steps = 1000
+    c.train.num_steps = 800
     c.train.log_every = 50
-    c.train.checkpoint_every = 500
+    c.train.checkpoint_every = 400
     c.train.keep_checkpoints = 1
     c.eval.per_class = 20  # 140 samples: Inception on 2 CPU cores takes ~0.3 s an image
     c.eval.batch_size = 70

@@ -36,6 +36,8 @@ GENERATORS = {
     "replay": "vqlc.gen.replay:Replay",
     # A GPT trained by the `gpt` task (vqlc.gen.gpt_train), sampled with its KV cache.
     "gpt": "vqlc.gen.gpt_generator:GPTGenerator",
+    # A DiT / SiT trained by the `diffusion` task (vqlc.gen.diffusion_train): latents.
+    "diffusion": "vqlc.gen.diffusion_generator:DiffusionGenerator",
 }
 
 

@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress_bar = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.at_end = True  # sample and score when training finishes (vqlc.gen.gpt_eval)
+    c.eval.at_end = True  # sample and score when training finishes (vqlc.gen.evaluation)
     c.eval.per_class = 50  # class-balanced samples (and held-out reference crops) per class
     c.eval.batch_size = 64
     c.eval.sampler = ml_collections.ConfigDict()  # as the sample task's generator.gpt
@@ -209,8 +209,8 @@ def run(config, workdir: str) -> dict:
     model = make_model(config, codebook_size, int(np.prod(grid)))
 
     if config.eval.at_end:
-        from vqlc.gen import gpt_eval
-        gpt_eval.prepare_reference(config, workdir, tok)
+        from vqlc.gen import evaluation
+        evaluation.prepare_reference(config, workdir, tok)
     storage.makedirs(workdir)
     config_io.write_or_check(config, workdir)
     record = generator_record(config, tok, int(np.prod(grid)), grid, num_images, tokens)
@@ -233,8 +233,8 @@ def run(config, workdir: str) -> dict:
     results = {"step": step, "stopped": stopped, "parameters": counts["total"],
                "loss": last[-1]["loss"] if last else None}
     if config.eval.at_end and step >= num_steps:
-        from vqlc.gen import gpt_eval
-        results.update(gpt_eval.evaluate(config, workdir, tok))
+        from vqlc.gen import evaluation
+        results.update(evaluation.evaluate(config, workdir, tok))
     return results
 
 

@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.generator.gpt.cfg_start = 0  # guided code positions [cfg_start, cfg_end); end 0 = all
     c.generator.gpt.cfg_end = 0
 
+    from vqlc.gen import diffusion_generator
+    c.generator.diffusion = diffusion_generator.sampler_config()  # generator.kind = 'diffusion'
+
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.workdir = ""  # the generator's tokenizer (a trained tokenizer workdir)
 

@@ -1,5 +1,6 @@
-"""Training batches of token maps for the GPT generators: from an encode workdir, or encoded
-from image batches as training draws them (data.tokens='on_the_fly', the release's way).
+"""Training batches of token maps (GPT) or latents (diffusion, flow) for the generators: from an
+encode workdir, or encoded from image batches as training draws them (data.tokens='on_the_fly',
+the release's way).
 
 Each image of the dataset appears once per epoch, as one of its augmented copies (the image or
 its mirror image for encode.augment='flip', one of ten crops for 'ten_crop') chosen at random
@@ -23,16 +24,21 @@ with extras.needed("train"):
     import grain
 
 
-class ImageCopies:
-    """Random access over the images of an encode workdir: ``[i]`` -> the rows of image i's
-    copies ({'codes': int32 [copies, h, w], 'label': int32}), read on demand."""
+FIELDS = {"codes": "token ids", "latents": "latents"}
 
-    def __init__(self, workdir: str, expect_tokenizer=None):
+
+class ImageCopies:
+    """Random access over the images of an encode workdir: ``copy(i, j)`` -> copy j of image
+    i as {field: codes int32 [h, w] or latents float32 [h, w, dim], 'label': int32}, read on
+    demand."""
+
+    def __init__(self, workdir: str, expect_tokenizer=None, field: str = "codes"):
         self.rows = encoded.EncodedDataset(workdir, expect_tokenizer)
-        if "codes" not in self.rows.manifest["arrays"]:
-            raise ValueError(f"{workdir} holds no token ids (encode.what="
-                             f"{self.rows.manifest.get('what')!r}); a GPT trains on codes: "
-                             "encode with --config.encode.what=codes (or both).")
+        self.field = field
+        if field not in self.rows.manifest["arrays"]:
+            raise ValueError(f"{workdir} holds no {FIELDS[field]} (encode.what="
+                             f"{self.rows.manifest.get('what')!r}): encode with "
+                             f"--config.encode.what={field} (or both).")
         self.copies = int(self.rows.manifest["copies"])
         if len(self.rows) % self.copies:
             raise ValueError(f"{workdir}: {len(self.rows)} rows is not a whole number of "
@@ -53,7 +59,7 @@ class ImageCopies:
 
     def copy(self, image: int, which: int) -> dict:
         row = self.rows[image * self.copies + which]
-        return {"codes": row["codes"], "label": row["label"]}
+        return {self.field: row[self.field], "label": row["label"]}
 
 
 class _RandomCopy(grain.transforms.RandomMap):
@@ -66,7 +72,7 @@ class _RandomCopy(grain.transforms.RandomMap):
 
 def make_token_iterator(images: ImageCopies, *, batch_size: int, seed: int,
                         shard_index: int = 0, shard_count: int = 1):
-    """Infinite iterator of {'codes': int32 [batch_size, h, w], 'label': int32 [batch_size]}
+    """Infinite iterator of {images.field: [batch_size, ...], 'label': int32 [batch_size]}
     for this process (``batch_size`` per process), with get_state() / set_state()."""
     if len(images) == 0:
         raise ValueError(f"{images.rows.workdir} holds no images.")
@@ -84,11 +90,13 @@ ON_THE_FLY = "on_the_fly"
 
 
 class _EncodeBatch(grain.transforms.Map):
-    """{'image': uint8 batch, 'label'} -> {'codes': int32 [B, h, w], 'label': int32 [B]}."""
+    """{'image': uint8 batch, 'label'} -> {'codes': int32 [B, h, w] or 'latents': float32
+    [B, h, w, dim], 'label': int32 [B]}."""
 
-    def __init__(self, tokenizer, num_classes: int):
+    def __init__(self, tokenizer, num_classes: int, field: str):
         self.tokenizer = tokenizer
         self.num_classes = num_classes
+        self.field = field
 
     def map(self, batch: dict) -> dict:
         labels = np.asarray(batch["label"], np.int32)
@@ -98,15 +106,18 @@ class _EncodeBatch(grain.transforms.Map):
             raise ValueError(f"The training data has labels in [{labels.min()}, "
                              f"{labels.max()}] but network.num_classes={self.num_classes}; set "
                              f"it to at least {labels.max() + 1}.")
+        if self.field == "latents":
+            return {"latents": self.tokenizer.encode_latents(batch["image"]).astype(np.float32),
+                    "label": labels}
         return {"codes": self.tokenizer.encode(batch["image"]).astype(np.int32),
                 "label": labels}
 
 
 def make_encoding_iterator(tokenizer, data, *, num_classes: int, batch_size: int, seed: int,
-                           shard_index: int = 0, shard_count: int = 1):
-    """Infinite iterator of {'codes': int32 [batch_size, h, w], 'label': int32 [batch_size]}
-    encoded from the training crops of `data` (a data config at the tokenizer's image size),
-    ``batch_size`` per process, with get_state() / set_state()."""
+                           shard_index: int = 0, shard_count: int = 1, field: str = "codes"):
+    """Infinite iterator of {field: [batch_size, ...], 'label': int32 [batch_size]} encoded
+    (codes or latents) from the training crops of `data` (a data config at the tokenizer's
+    image size), ``batch_size`` per process, with get_state() / set_state()."""
     ds = pipeline.labelled_train_dataset(data, batch_size=batch_size, seed=seed,
                                          shard_index=shard_index, shard_count=shard_count)
-    return iter(ds.map(_EncodeBatch(tokenizer, num_classes)))
+    return iter(ds.map(_EncodeBatch(tokenizer, num_classes, field)))

@@ -1,5 +1,5 @@
-"""The end of a `gpt` run: class-balanced samples through the `sample` task, scored against
-held-out crops of the training images.
+"""The end of a generator run (`gpt`, `diffusion`): class-balanced samples through the `sample`
+task, scored against held-out crops of the training images.
 
 Writes <workdir>/eval/: samples/ (the sample task's workdir: samples.npz, samples.json,
 samples_grid.png), samples.png (that grid), reference.npz (the held-out crops, ADM layout) and
@@ -26,12 +26,17 @@ EVAL_DIR = "eval"
 REFERENCE_SEED_OFFSET = 1_000_003  # held-out crop positions: a seed training never uses
 
 
+# The sample task's generator.kind for each training task.
+GENERATOR_KIND = {"gpt": "gpt", "diffusion": "diffusion"}
+
+
 def sample_config(config, workdir: str) -> ml_collections.ConfigDict:
     e = config.eval
+    kind = GENERATOR_KIND[config.task]
     c = sample_lib.base_config()
-    c.generator.kind = "gpt"
+    c.generator.kind = kind
     c.generator.workdir = workdir
-    c.generator.gpt.update(e.sampler.to_dict())
+    c.generator[kind].update(e.sampler.to_dict())
     c.tokenizer.workdir = config.tokenizer.workdir
     c.sample.num_classes = max(config.network.num_classes, 1)
     c.sample.labels = "balanced"
@@ -113,6 +118,6 @@ def evaluate(config, workdir: str, tokenizer) -> dict:
                "num_reference": int(num_classes * config.eval.per_class),
                "sampler": config.eval.sampler.to_dict(), "step": record["generator"]["step"]}
     atomic_io.atomic_write_json(rundir.join(eval_dir, "metrics.json"), metrics)
-    logging.info("gpt eval: gFID %s, sample utilisation %.3f over %d samples", gfid,
+    logging.info("%s eval: gFID %s, sample utilisation %.3f over %d samples", config.task, gfid,
                  metrics["sample_utilization"], metrics["num_samples"])
     return metrics
