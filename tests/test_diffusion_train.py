@@ -44,20 +44,42 @@ def _params(workdir, field="params"):
     return restored[field]
 
 
+def _mean_loss(workdir, params, latents_dir, num_keys=8):
+    """The training loss of `params` over every training latent, averaged over fixed keys
+    (so the noisy draws of t and noise do not decide the comparison)."""
+    from vqlc.gen import token_data
+    c = config_io.load(workdir)
+    record = json.load(open(os.path.join(workdir, diffusion_train.GENERATOR_FILE)))
+    model = diffusion_train.make_model(c.network, c.model, tuple(record["latent_shape"]))
+    loss_fn = jax.jit(diffusion_train.make_loss_fn(model, c, record["latent_stats"]))
+    images = token_data.ImageCopies(latents_dir, field="latents")
+    rows = [images.copy(i, j) for i in range(len(images)) for j in range(images.copies)]
+    batch = {"latents": np.stack([r["latents"] for r in rows]),
+             "label": np.array([r["label"] for r in rows], np.int32)}
+    return float(np.mean([loss_fn(params, batch, jax.random.key(k))[0]
+                          for k in range(num_keys)]))
+
+
 @pytest.mark.parametrize("kind", ["dit", "sit"])
 def test_loss_goes_down_and_the_run_is_recorded(dirs, tmp_path, kind):
     workdir = str(tmp_path / kind)
-    results = diffusion_train.run(_config(dirs, kind, **{"train.num_steps": 60,
-                                                         "optim.lr": 2e-3}), workdir)
-    losses = [r["loss"] for r in reporting.read_metrics(workdir)]
-    assert results["step"] == 60 and len(losses) == 6
-    # The first logged loss averages no steps before it: compare the mean of the first and
-    # last two logs (the diffusion loss is noisy over t).
-    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    c = _config(dirs, kind, **{"train.num_steps": 60, "optim.lr": 2e-3})
+    results = diffusion_train.run(c, workdir)
+    assert results["step"] == 60 and len(reporting.read_metrics(workdir)) == 6
     record = json.load(open(os.path.join(workdir, diffusion_train.GENERATOR_FILE)))
     assert record["kind"] == "diffusion" and record["latent_shape"] == [8, 8, 8]
     stats = record["latent_stats"]  # latent_norm='channel': measured per channel
     assert len(stats["mean"]) == 8 and all(s > 0 for s in stats["std"])
+
+    model = diffusion_train.make_model(c.network, c.model, (8, 8, 8))
+    initial = diffusion_train.init_params_fn(model, (8, 8, 8))(jax.random.key(c.seed))
+    before = _mean_loss(workdir, initial, dirs[1])
+    after = _mean_loss(workdir, _params(workdir), dirs[1])
+    # Flow matching's velocity loss cannot fall far on near-Gaussian latents: even the exact
+    # velocity field keeps about 1.57 of an untrained model's 2 (the conditional variance of
+    # x1 - x0 given x_t), so it is held to a smaller drop than DDPM's epsilon loss.
+    required = {"dit": 0.8, "sit": 0.95}[kind]
+    assert after < required * before, (before, after)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(dirs, tmp_path):
