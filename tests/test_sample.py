@@ -224,7 +224,7 @@ def test_latent_space_snaps_to_the_nearest_code(tok_dir, tok, tmp_path):
     ({"sample.per_class": 0, "sample.num_samples": 10}, "'balanced' needs sample.per_class"),
     ({"sample.labels": "random"}, "'random' needs sample.num_samples"),
     ({"sample.labels": "uniform"}, "sample.labels='uniform'"),
-    ({"generator.kind": "gpt-9"}, "generator.kind='gpt-9' is unknown; valid: gpt, replay"),
+    ({"generator.kind": "gpt-9"}, "generator.kind='gpt-9' is unknown; valid: diffusion, gpt, replay"),
     ({"generator.replay.space": "pixels"}, "replay.space='pixels'"),
     ({"tokenizer.workdir": ""}, "tokenizer.workdir is empty"),
 ])
