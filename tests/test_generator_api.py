@@ -119,11 +119,11 @@ def test_another_tokenizer_is_refused(run, tmp_path):
 
 def test_a_workdir_without_a_gpt_is_a_clear_error(run, tmp_path):
     from vqlc import Generator
-    with pytest.raises(FileNotFoundError, match="is .* a workdir of the gpt task"):
+    with pytest.raises(FileNotFoundError, match="is .* a generator workdir"):
         Generator.load(run["tok"])
     with open(os.path.join(run["gpt"], gpt_train.GENERATOR_FILE)) as f:
         record = json.load(f)
     with open(tmp_path / gpt_train.GENERATOR_FILE, "w") as f:
-        json.dump({**record, "kind": "diffusion"}, f)
-    with pytest.raises(ValueError, match="of kind 'diffusion'; Generator.load reads: gpt"):
+        json.dump({**record, "kind": "mystery"}, f)
+    with pytest.raises(ValueError, match="of kind 'mystery'; Generator.load reads: gpt, diffusion"):
         Generator.load(str(tmp_path))

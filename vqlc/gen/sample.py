@@ -149,23 +149,41 @@ def sample_keys(seed: int, indices) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices, jnp.uint32))
 
 
+def draw_fn(gen, tok_model, outputs=("images", "codes")):
+    """(generator variables, tokenizer variables, seed, indices [B], labels [B]) -> a tuple
+    of the named outputs: "images" (uint8 [B, H, W, 3]), "codes" (int32 [B, h, w]) and, for a
+    latent generator, "latents" (the sampled latents before snapping, [B, h, w, dim]).
+
+    The one sampling step of the sample task and of the Generator API; the seed may be a
+    Python int or a traced uint32 (so that another seed does not compile again)."""
+    decode = tokenizer_lib.decode_fn(tok_model)
+    snap = tokenizer_lib.snap_fn(tok_model)
+    if "latents" in outputs and gen.space != "latents":
+        raise ValueError(f"A {gen.space} generator draws no latents.")
+
+    def draw(gen_vars, tok_vars, seed, indices, labels):
+        out = gen.sample(gen_vars, sample_keys(seed, indices), labels)
+        result = {"latents": out} if gen.space == "latents" else {}
+        if "codes" in outputs or "images" in outputs:
+            codes = out if gen.space == "codes" else snap(tok_vars, out)
+            result["codes"] = codes = codes.astype(jnp.int32)
+        if "images" in outputs:
+            x = decode(tok_vars, codes).astype(jnp.float32)
+            # images.to_uint8's arithmetic, on the device
+            result["images"] = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        return tuple(result[name] for name in outputs)
+
+    return draw
+
+
 def make_step(gen, tok, seed: int, mesh):
     """jitted (generator variables, tokenizer variables, indices [B], labels [B]) ->
     (uint8 images [B, H, W, 3], int32 codes [B, h, w]), both replicated."""
-    decode = tokenizer_lib.decode_fn(tok.model)
-    snap = tokenizer_lib.snap_fn(tok.model)
-
-    def step(gen_vars, tok_vars, indices, labels):
-        out = gen.sample(gen_vars, sample_keys(seed, indices), labels)
-        codes = out if gen.space == "codes" else snap(tok_vars, out)
-        codes = codes.astype(jnp.int32)
-        x = decode(tok_vars, codes).astype(jnp.float32)
-        # images.to_uint8's arithmetic, on the device
-        images = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-        return images, codes
-
+    draw = draw_fn(gen, tok.model)
     replicated = parallel.replicated(mesh)
-    return jax.jit(step, out_shardings=(replicated, replicated))
+    return jax.jit(lambda gen_vars, tok_vars, indices, labels:
+                   draw(gen_vars, tok_vars, seed, indices, labels),
+                   out_shardings=(replicated, replicated))
 
 
 def shard_path(workdir: str, batch: int) -> str:
