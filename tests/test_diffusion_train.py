@@ -95,6 +95,19 @@ def test_resumed_run_equals_an_uninterrupted_one(dirs, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_sharded_parameters_train_like_replicated_ones(dirs, tmp_path):
+    common = {"train.num_steps": 3, "train.log_every": 3, "mesh.data": 4,
+              "train.batch_size": 8}
+    diffusion_train.run(_config(dirs, **common), str(tmp_path / "replicated"))
+    diffusion_train.run(_config(dirs, **common, **{"mesh.shard_params": True}),
+                        str(tmp_path / "sharded"))
+    for field in ("params", "ema_params"):
+        a, b = _params(str(tmp_path / "replicated"), field), _params(str(tmp_path / "sharded"),
+                                                                     field)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind, sampler", [("dit", "ddpm"), ("dit", "ddim"),
                                            ("sit", "heun"), ("sit", "sde")])
 def test_sample_task_draws_from_a_trained_model(dirs, tmp_path, kind, sampler):
@@ -143,7 +156,7 @@ def test_on_the_fly_latents_train(dirs, tmp_path):
 
 @pytest.mark.parametrize("overrides, error, message", [
     ({"network.kind": "gan"}, ValueError, "network.kind='gan'"),
-    ({"network.kind": "unet"}, NotImplementedError, "not implemented yet"),
+    ({"network.kind": "unet"}, ValueError, "learn_sigma=False"),
     ({"network.size": "XXL/2"}, ValueError, "valid sizes"),
     ({"objective.kind": "score"}, ValueError, "objective.kind='score'"),
     ({"objective.latent_norm": "global"}, ValueError, "latent_norm='global'"),
