@@ -144,6 +144,40 @@ def test_pickled_code_is_never_run(tmp_path):
     assert load_torch_file(str(path)) == {}
 
 
+def test_argparse_namespace_stays_inert(tmp_path):
+    """Training scripts (DiT-LC's, SiT-LC's) save their argparse.Namespace beside the weights,
+    which torch's weights_only refuses: here it is an inert Opaque holding its fields, and a
+    hostile object inside it stays inert too."""
+    import argparse
+    marker = tmp_path / "pwned"
+    _Evil.marker = str(marker)
+    path = tmp_path / "ckpt.pt"
+    args = argparse.Namespace(model="DiT-XL/2", lr=1e-4, evil=_Evil())
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("ckpt/data.pkl", pickle.dumps({"args": args}, protocol=2))
+    obj = load_torch_object(str(path))
+    assert not marker.exists()
+    assert isinstance(obj["args"], torch_files.Opaque)
+    assert obj["args"].qualname == "argparse.Namespace"
+    assert obj["args"].state["model"] == "DiT-XL/2" and obj["args"].state["lr"] == 1e-4
+    assert isinstance(obj["args"].state["evil"], torch_files.Opaque)
+    # the golden DiT-LC checkpoint, written by torch.save with its Namespace
+    dit = load_torch_object(os.path.join(GOLDEN, "..", "dit_release_tiny.pt"))
+    assert dit["args"].qualname == "argparse.Namespace"
+    assert dit["args"].state["model"] == "DiT-Tiny/2"
+
+
+def test_lazy_tensors_equal_eager_ones(expected):
+    lazy = torch_files.flatten_arrays(load_torch_object(STATE, lazy=True))
+    eager = torch_files.flatten_arrays(load_torch_object(STATE))
+    assert sorted(lazy) == sorted(eager) and eager
+    for k, v in eager.items():
+        assert isinstance(lazy[k], torch_files.LazyTensor), k
+        assert lazy[k].shape == v.shape and lazy[k].dtype == v.dtype, k  # before reading
+        np.testing.assert_array_equal(lazy[k].load(), v, err_msg=k)
+    np.testing.assert_array_equal(lazy["state_dict.view_t"].load(), eager["state_dict.base"].T)
+
+
 def test_view_outside_storage_is_rejected():
     storage = torch_files._Storage(np.arange(6, dtype=np.float32), "FloatStorage")
     np.testing.assert_array_equal(

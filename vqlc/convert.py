@@ -10,6 +10,14 @@
 
 then `vqlc.Tokenizer.load(<dst>)` (or `python -m vqlc.main --config=...:eval --workdir=<dst>`).
 
+The release's generators go through the same command, by the config's task:
+    python -m vqlc.convert --config=gpt_lc_imagenet --src=transformer_99.pt --dst=runs/gpt_lc
+    python -m vqlc.convert --config=dit_lc_imagenet --src=dit-lc-100K-f16.pth \\
+        --dst=runs/dit_lc --tokenizer=runs/lc_release [--weights=ema|model]
+    python -m vqlc.convert --config=sit_lc_imagenet --src=sit-lc-100K-f16.pth \\
+        --dst=runs/sit_lc --tokenizer=runs/lc_release [--weights=ema|model]
+(vqlc.gen.convert_gpt, vqlc.gen.convert_dit; LDM-LC's UNet is not converted yet).
+
 The workdir written is the one training writes: config.json, codebook.npy (the frozen codebook
 [K, feature_dim]) and checkpoints/<step>/ (orbax) holding a TrainState whose generator and
 discriminator parameters (and BatchNorm statistics) come from the release; the optimiser states
@@ -311,7 +319,11 @@ _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to write; -1 = config.
                              flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "GPT checkpoints (a config with task gpt): an existing tokenizer workdir "
-    "to use instead of converting the checkpoint's vqgan.* part.", flag_values=FLAGS)
+    "to use instead of converting the checkpoint's vqgan.* part. DiT/SiT checkpoints (task "
+    "diffusion): the tokenizer workdir whose latents they model (required).", flag_values=FLAGS)
+_WEIGHTS = flags.DEFINE_enum(
+    "weights", "ema", ["ema", "model"], "DiT/SiT checkpoints: which of the release's weight "
+    "sets to convert (ema: what the release samples with).", flag_values=FLAGS)
 _TOKENIZER_CONFIG = flags.DEFINE_string(
     "tokenizer_config", "imagenet_lc", "GPT checkpoints: the shipped tokenizer config "
     "(name[:variant]) matching the checkpoint's vqgan.* part.", flag_values=FLAGS)
@@ -328,6 +340,8 @@ def main(argv=None) -> int:
     def _convert():
         if _CONFIG.value.get("task") == "gpt":
             return _convert_gpt()
+        if _CONFIG.value.get("task") == "diffusion":
+            return _convert_diffusion()
         step = convert(_CONFIG.value, _SRC.value, _DST.value, codebook_path=_CODEBOOK.value,
                        step=_STEP.value)
         print(f"wrote {os.path.abspath(_DST.value)} (step {step}); load it with "
@@ -344,6 +358,23 @@ def _convert_gpt() -> None:
                                    tokenizer=_TOKENIZER.value, tokenizer_config=tokenizer_config)
     print(f"wrote {os.path.abspath(_DST.value)} (step {step}); sample it with the sample task: "
           f"--config.generator.kind=gpt --config.generator.workdir={_DST.value}")
+
+
+def _convert_diffusion() -> None:
+    """The release's DiT-LC / SiT-LC checkpoints (vqlc.gen.convert_dit), by network.kind."""
+    kind = _CONFIG.value.network.kind
+    if kind == "unet":
+        raise NotImplementedError("network.kind='unet': the release's LDM conversion not "
+                                  "implemented yet (DiT and SiT checkpoints are).")
+    if kind not in ("dit", "sit"):
+        raise ValueError(f"network.kind={kind!r}: no converter (dit, sit).")
+    from vqlc.gen import convert_dit
+    step = convert_dit.convert_dit(_CONFIG.value, _SRC.value, _DST.value,
+                                   tokenizer=_TOKENIZER.value, weights=_WEIGHTS.value)
+    print(f"wrote {os.path.abspath(_DST.value)} (step {step}, {_WEIGHTS.value} weights); sample "
+          f"it with the sample task: --config.generator.kind=diffusion "
+          f"--config.generator.workdir={_DST.value} "
+          f"--config.tokenizer.workdir={_TOKENIZER.value}")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["TorchFileError", "TorchModule", "Opaque", "load_torch_file", "load_torch_object",
-           "flatten_arrays"]
+__all__ = ["TorchFileError", "TorchModule", "Opaque", "LazyTensor", "load_torch_file",
+           "load_torch_object", "flatten_arrays"]
 
 
 class TorchFileError(ValueError):
@@ -100,6 +100,61 @@ class _Storage:
         self.storage_name = storage_name
 
 
+class _LazyStorage:
+    """A storage not read yet: where its bytes are in the archive (``lazy=True``)."""
+
+    def __init__(self, path: str, member: str, storage_name: str, big_endian: bool):
+        self.path = path
+        self.member = member
+        self.storage_name = storage_name
+        self.big_endian = big_endian
+
+    def with_name(self, storage_name: str) -> "_LazyStorage":
+        return _LazyStorage(self.path, self.member, storage_name, self.big_endian)
+
+    def read(self) -> _Storage:
+        with _open_archive(self.path) as archive:
+            try:
+                raw = archive.read(self.member)
+            except KeyError as e:
+                raise TorchFileError(
+                    f"{self.path}: storage {self.member!r} named in the pickle is missing from "
+                    "the archive: the file is truncated or corrupt") from e
+        return _Storage(_storage_array(raw, _STORAGE_DTYPES[self.storage_name],
+                                       self.big_endian), self.storage_name)
+
+
+class LazyTensor:
+    """A tensor of a ``load_torch_object(..., lazy=True)`` tree: its shape and dtype are
+    known, its values are read from the file by :meth:`load` (each call reads again)."""
+
+    def __init__(self, storage: _LazyStorage, storage_offset, size, stride):
+        self._storage = storage
+        self._view = (int(storage_offset), tuple(int(s) for s in size),
+                      tuple(int(s) for s in stride))
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self._view[1]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self._storage.storage_name == "BFloat16Storage":
+            return np.dtype(np.float32)  # widened, as the eager reader does
+        return _STORAGE_DTYPES[self._storage.storage_name]
+
+    def load(self) -> np.ndarray:
+        offset, size, stride = self._view
+        return _rebuild_tensor(self._storage.read(), offset, size, stride)
+
+    def __repr__(self):
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+
+
 class Opaque:
     """Inert placeholder for a pickled global the reader does not know.
 
@@ -151,7 +206,10 @@ class TorchModule:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_unused) -> np.ndarray:
-    """numpy equivalent of ``torch._utils._rebuild_tensor_v2``: an owned strided copy."""
+    """numpy equivalent of ``torch._utils._rebuild_tensor_v2``: an owned strided copy (a
+    :class:`LazyTensor` for a storage not read yet)."""
+    if isinstance(storage, _LazyStorage):
+        return LazyTensor(storage, storage_offset, size, stride)
     if not isinstance(storage, _Storage):
         raise TorchFileError(f"tensor rebuilt from {type(storage).__name__}, expected a storage")
     base = storage.array
@@ -182,10 +240,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused) -> np.ndarr
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None) -> np.ndarray:
     """``_rebuild_tensor_v3`` carries the dtype separately (for untyped storages)."""
-    if isinstance(storage, _Storage) and isinstance(dtype, _TorchDtype):
+    if isinstance(storage, (_Storage, _LazyStorage)) and isinstance(dtype, _TorchDtype):
         name = _TORCH_DTYPES.get(dtype.name)
         if name is None:
             raise TorchFileError(f"unsupported tensor dtype torch.{dtype.name}")
+        if isinstance(storage, _LazyStorage):
+            return _rebuild_tensor(storage.with_name(name), storage_offset, size, stride)
         raw = storage.array.view(np.uint8)
         width = _STORAGE_DTYPES[name].itemsize
         raw = raw[:raw.size - raw.size % width]
@@ -254,11 +314,12 @@ class _Unpickler(pickle.Unpickler):
     """Restricted unpickler: storages come from the zip, unknown globals are inert."""
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, storage_dir: str,
-                 big_endian: bool = False):
+                 big_endian: bool = False, lazy_path: Optional[str] = None):
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._storage_dir = storage_dir
         self._big_endian = big_endian
+        self._lazy_path = lazy_path  # set: storages are read only when a LazyTensor loads
         self._storages: Dict[str, _Storage] = {}
         self._module_classes: Dict[str, type] = {}
         self._opaque_classes: Dict[str, type] = {}
@@ -295,19 +356,29 @@ class _Unpickler(pickle.Unpickler):
             raise TorchFileError(f"unsupported storage type {storage_type!r} for storage {key}")
         if key not in self._storages:
             name = self._storage_dir + key
+            if self._lazy_path is not None:
+                if name not in self._archive.NameToInfo:
+                    raise TorchFileError(
+                        f"storage {name!r} named in the pickle is missing from the archive: "
+                        "the file is truncated or corrupt")
+                return _LazyStorage(self._lazy_path, name, storage_type.name, self._big_endian)
             try:
                 raw = self._archive.read(name)
             except KeyError as e:
                 raise TorchFileError(
                     f"storage {name!r} named in the pickle is missing from the archive: "
                     "the file is truncated or corrupt") from e
-            dtype = storage_type.dtype
-            raw = raw[:len(raw) - len(raw) % dtype.itemsize]
-            array = np.frombuffer(raw, dtype=dtype)
-            if self._big_endian and dtype.itemsize > 1:  # saved on a big-endian machine
-                array = np.frombuffer(raw, dtype=dtype.newbyteorder(">")).astype(dtype)
+            array = _storage_array(raw, storage_type.dtype, self._big_endian)
             self._storages[key] = _Storage(array, storage_type.name)
         return self._storages[key]
+
+
+def _storage_array(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
+    """A storage's raw bytes viewed as its (little-endian) element dtype."""
+    raw = raw[:len(raw) - len(raw) % dtype.itemsize]
+    if big_endian and dtype.itemsize > 1:  # saved on a big-endian machine
+        return np.frombuffer(raw, dtype=dtype.newbyteorder(">")).astype(dtype)
+    return np.frombuffer(raw, dtype=dtype)
 
 
 def _open_archive(path: str) -> zipfile.ZipFile:
@@ -347,13 +418,15 @@ def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
         f"file (entries: {archive.namelist()[:8]})")
 
 
-def _unpickle(archive: zipfile.ZipFile, path: str, member: str, storage_dir: str) -> Any:
+def _unpickle(archive: zipfile.ZipFile, path: str, member: str, storage_dir: str,
+              lazy: bool = False) -> Any:
     prefix = member[: member.rfind("/") + 1]
     try:
         big = (prefix + "byteorder" in archive.namelist()
                and archive.read(prefix + "byteorder").strip() == b"big")
         data = archive.read(member)
-        return _Unpickler(data, archive, storage_dir, big_endian=big).load()
+        return _Unpickler(data, archive, storage_dir, big_endian=big,
+                          lazy_path=os.fspath(path) if lazy else None).load()
     except TorchFileError as e:
         raise TorchFileError(f"{path}: {e}") from e
     except Exception as e:  # BadZipFile, zlib.error, UnpicklingError, EOFError, ...
@@ -361,21 +434,25 @@ def _unpickle(archive: zipfile.ZipFile, path: str, member: str, storage_dir: str
                              "the file is corrupt or not a PyTorch checkpoint") from e
 
 
-def load_torch_object(path: str, constants: bool = False) -> Any:
+def load_torch_object(path: str, constants: bool = False, lazy: bool = False) -> Any:
     """Unpickle a torch.save / torch.jit.save zip file into plain Python + numpy.
 
     Tensors become numpy arrays (bfloat16 widened to float32), dicts stay dicts,
     TorchScript objects become :class:`TorchModule` (attributes in ``.state``) and
-    any other class becomes an inert :class:`Opaque`.
+    any other class (e.g. a training script's ``argparse.Namespace``) becomes an inert
+    :class:`Opaque`.
 
     Args:
       path: the checkpoint file.
       constants: for a TorchScript archive, return ``(data, constants)`` where
         ``constants`` is the tuple pickled in ``constants.pkl`` (graph constants).
+      lazy: tensors of ``data.pkl`` become :class:`LazyTensor` (shape and dtype now, values
+        read by ``.load()``), so one entry of a large checkpoint (e.g. its ``'ema'``
+        weights beside ``'model'`` and ``'opt'``) can be read without the rest.
     """
     with _open_archive(path) as archive:
         prefix = _archive_prefix(archive, path)
-        data = _unpickle(archive, path, prefix + "data.pkl", prefix + "data/")
+        data = _unpickle(archive, path, prefix + "data.pkl", prefix + "data/", lazy=lazy)
         if not constants:
             return data
         names = set(archive.namelist())
@@ -389,7 +466,7 @@ def load_torch_object(path: str, constants: bool = False) -> Any:
 
 
 def _walk(obj: Any, prefix: str, seen: set) -> Iterator[Tuple[str, np.ndarray]]:
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (np.ndarray, LazyTensor)):
         yield prefix, obj
         return
     if id(obj) in seen:  # shared submodules / cycles: first name wins
@@ -409,7 +486,8 @@ def _walk(obj: Any, prefix: str, seen: set) -> Iterator[Tuple[str, np.ndarray]]:
 
 
 def flatten_arrays(obj: Any) -> Dict[str, np.ndarray]:
-    """All numpy leaves of a loaded tree, keyed by their '.'-joined path."""
+    """All numpy (and :class:`LazyTensor`) leaves of a loaded tree, keyed by their '.'-joined
+    path."""
     return dict(_walk(obj, "", set()))
 
 
