@@ -1,10 +1,12 @@
-"""The `diffusion` task: DiT (DDPM) or SiT (flow matching) trained on the continuous latents of an
-encode workdir, on the shared generator trainer (vqlc.gen.trainer).
+"""The `diffusion` task: DiT (DDPM), SiT (flow matching) or LDM's UNet (DDPM) trained on the
+continuous latents of an encode workdir, on the shared generator trainer (vqlc.gen.trainer).
 
     python -m vqlc.main --config=dit_demo --workdir=runs/dit_demo \\
         --config.tokenizer.workdir=runs/demo
 
-The three parts meet here: the network (vqlc.gen.networks.dit), the objective
+The three parts meet here: the network (`network.kind`: `dit` / `sit`, vqlc.gen.networks.dit,
+`network.size` "<size>/<patch>"; `unet`, vqlc.gen.networks.unet, `network.size` a variant:
+f16 | f8 | Ti, epsilon output only, so ddpm with learn_sigma False), the objective
 (`objective.kind`: `ddpm`, vqlc.gen.objectives.diffusion, or `flow`,
 vqlc.gen.objectives.flow) and, for the evaluation at the end and the `sample` task, the sampler
 (vqlc.gen.diffusion_generator).
@@ -59,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.encode.encode.what = "latents"
 
     c.network = ml_collections.ConfigDict()
-    c.network.kind = "dit"  # dit | sit (the same backbone) | unet (not yet implemented)
-    c.network.size = "XL/2"  # S | B | L | XL, patch 2 | 4 | 8
+    c.network.kind = "dit"  # dit | sit (the same backbone) | unet (LDM's)
+    c.network.size = "XL/2"  # dit/sit: S | B | L | XL, patch 2 | 4 | 8; unet: f16 | f8 | Ti
     c.network.num_classes = 1000  # 0: unconditional
     c.network.class_dropout = 0.1
     c.network.learn_sigma = True  # DiT's 2C output; SiT keeps the head and uses the first C
@@ -103,11 +105,14 @@ def check_config(config) -> None:
     n, o = config.network, config.objective
     if n.kind not in NETWORKS:
         raise ValueError(f"network.kind={n.kind!r}; valid: {', '.join(NETWORKS)}.")
-    if n.kind == "unet":
-        raise NotImplementedError("network.kind='unet' (the latent-diffusion UNet) is not "
-                                  "implemented yet; use dit or sit.")
     if o.kind not in OBJECTIVES:
         raise ValueError(f"objective.kind={o.kind!r}; valid: {', '.join(OBJECTIVES)}.")
+    if n.kind == "unet" and o.kind != "ddpm":
+        raise ValueError(f"network.kind='unet' trains with objective.kind='ddpm' (LDM's "
+                         f"epsilon objective), not {o.kind!r}.")
+    if n.kind == "unet" and n.learn_sigma:
+        raise ValueError("network.kind='unet' predicts epsilon only: set "
+                         "network.learn_sigma=False.")
     if o.latent_norm not in LATENT_NORMS:
         raise ValueError(f"objective.latent_norm={o.latent_norm!r}; valid: "
                          f"{', '.join(LATENT_NORMS)}.")
@@ -121,16 +126,25 @@ def check_config(config) -> None:
     trainer.check_optim(config.optim)
     loop.Cadence.from_config(config.train)
     diffusion_generator.check_sampler(config.eval.sampler, o.kind, n.num_classes)
-    from vqlc.gen.networks import dit
-    dit.make_dit(n.size, input_size=1, in_channels=1)  # an unknown size fails now
+    if n.kind == "unet":  # an unknown size fails now
+        from vqlc.gen.networks import unet
+        unet.make_unet(n.size, input_size=1, in_channels=1)
+    else:
+        from vqlc.gen.networks import dit
+        dit.make_dit(n.size, input_size=1, in_channels=1)
 
 
 def make_model(network, model, latent_shape):
-    """The DiT backbone for latents [h, w, C] (SiT is the same network)."""
-    from vqlc.gen.networks import dit
+    """The network for latents [h, w, C]: DiT (dit, and sit: the same network) or LDM's UNet."""
     h, w, channels = latent_shape
     if h != w:
-        raise ValueError(f"DiT needs square latents; got {h}x{w}.")
+        raise ValueError(f"{network.kind} needs square latents; got {h}x{w}.")
+    if network.kind == "unet":
+        from vqlc.gen.networks import unet
+        return unet.make_unet(network.size, input_size=h, in_channels=channels,
+                              num_classes=network.num_classes, dtype=model.dtype,
+                              remat=model.remat == "blocks")
+    from vqlc.gen.networks import dit
     return dit.make_dit(network.size, input_size=h, in_channels=channels,
                         num_classes=network.num_classes, learn_sigma=network.learn_sigma,
                         dtype=model.dtype, remat=model.remat == "blocks")
