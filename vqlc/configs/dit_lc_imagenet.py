@@ -62,6 +62,7 @@ def get_config(arg: str = ""):
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
     c.optim.ema_decay = 0.9999
+    c.optim.ema_warmup = False  # DiT's EMA: the fixed decay from the first step
     c.train.batch_size = 256
     c.train.num_steps = 400_000
     c.train.checkpoint_every = 10_000

@@ -27,7 +27,8 @@ ldm/models/diffusion/ddpm.py, the README):
     no learned variance), 1,000 steps, betas linspace(sqrt 0.0015, sqrt 0.0195)^2
     (`linear_sqrt`); scale_factor 1 (no scale_by_std): latent_norm 'none'.
   optimiser: torch AdamW with its defaults (betas 0.9 / 0.999, eps 1e-8, weight decay
-    0.01), constant learning rate, no warm-up, no clipping; EMA 0.9999 (LitEma). The learning
+    0.01), constant learning rate, no warm-up, no clipping; EMA 0.9999 (LitEma), its decay
+    warmed up as min(0.9999, (1 + n) / (10 + n)) (optim.ema_warmup, vqlc's default). The learning
     rate is main.py's scale_lr (on by default): base_learning_rate x per-GPU batch x 8 GPUs
     (runTrainLDM.sh: --gpus 0,...,7), f16 4.5e-5 x 56 x 8 = 2.016e-2 at global batch 448, f8
     1.0e-5 x 32 x 8 = 2.56e-3 at global batch 256. Both are kept as the release's files give
@@ -46,7 +47,6 @@ Ours, differing:
     its row 1000, so its guidance extrapolates from an untrained context.
   weight decay 0.01 on every parameter of two or more dimensions (conv kernels, linears, the
     class table), not on biases and norm scales as torch's AdamW also does.
-  EMA: a constant 0.9999 (LitEma warms its decay up as min(0.9999, (1 + n) / (10 + n))).
 Variant `:bf16` computes in bfloat16 with rematerialised blocks (parameters stay float32).
 """
 from vqlc import config_base

@@ -308,7 +308,7 @@ def run(config, workdir: str) -> dict:
                  config.network.kind, config.network.size, config.objective.kind,
                  parameters / 1e6, shape, tokens)
     train_step = trainer.make_train_step(make_loss_fn(model, config, stats), tx,
-                                         config.optim.ema_decay)
+                                         config.optim.ema_decay, config.optim.ema_warmup)
     state, step, stopped = trainer.fit(config, workdir, state=state, train_step=train_step,
                                        train_it=train_it, mesh=mesh)
     last = reporting.read_metrics(workdir)

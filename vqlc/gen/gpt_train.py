@@ -155,7 +155,8 @@ def make_train_step(model, tx, config, codebook_size: int):
             hidden, gpt_lib.head_kernel({"params": params}), codes,
             chunk_size=o.chunk_size, restrict_to=restrict)
 
-    return trainer.make_train_step(lambda *args: (loss_fn(*args), {}), tx, ema_decay)
+    return trainer.make_train_step(lambda *args: (loss_fn(*args), {}), tx, ema_decay,
+                                   config.optim.ema_warmup)
 
 
 def generator_record(config, tokenizer, num_codes: int, grid: tuple, images: int,
