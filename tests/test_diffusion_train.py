@@ -80,6 +80,10 @@ def test_loss_goes_down_and_the_run_is_recorded(dirs, tmp_path, kind):
     # x1 - x0 given x_t), so it is held to a smaller drop than DDPM's epsilon loss.
     required = {"dit": 0.8, "sit": 0.95}[kind]
     assert after < required * before, (before, after)
+    # The EMA (what is sampled) has followed: with its warmed-up decay it is a recent
+    # average, where a fixed 0.999 would still be 94% the initial weights after 60 steps.
+    ema = _mean_loss(workdir, _params(workdir, "ema_params"), dirs[1])
+    assert ema < required * before, (before, ema)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(dirs, tmp_path):
