@@ -6,7 +6,7 @@
     codes = gen.sample_codes(labels, seed=0)       # int32 [B, h, w]
     logits = gen.logits(labels, codes)             # GPT: float32 [B, T+1, V] (see `logits`)
 
-    gen = Generator.load("runs/dit_demo")          # a DiT / SiT (the diffusion task's)
+    gen = Generator.load("runs/dit_demo")          # a DiT / SiT / UNet (the diffusion task)
     images = gen.sample(labels, seed=0, cfg_scale=1.5, num_steps=100)
     latents = gen.sample_latents(labels, seed=0)   # [B, h, w, C], before snapping to codes
     out = gen.denoiser(x, t, labels)               # the network's raw output
@@ -264,7 +264,8 @@ class TokenGenerator(Generator):
 
 
 class LatentGenerator(Generator):
-    """A DiT or SiT (the `diffusion` task's): latents, snapped to the nearest code to decode.
+    """A DiT, SiT or LDM UNet (the `diffusion` task's): latents, snapped to the nearest code
+    to decode.
 
     Sampler settings (per call, vqlc.gen.diffusion_generator.sampler_config's names): `kind`
     ('' = the objective's default: ddpm for DiT, dopri5 for SiT; also ddim, euler, heun,
@@ -310,10 +311,10 @@ class LatentGenerator(Generator):
 
         x is in the network's space: the tokenizer's latents normalised by the run's latent
         statistics (identity for latent_norm='none', the release's way). t as the network
-        takes it: the timestep 0..999 for DiT (ddpm), t in [0, 1] for SiT (flow, 1 = data);
-        a scalar or one per sample. Channels: DiT with learned sigma 2C (epsilon, then the
-        variance half); SiT's velocity (or score / noise) in the first C channels of a DiT
-        head, as the release keeps it."""
+        takes it: the timestep 0..999 for DiT and the UNet (ddpm), t in [0, 1] for SiT
+        (flow, 1 = data); a scalar or one per sample. Channels: DiT with learned sigma 2C
+        (epsilon, then the variance half); SiT's velocity (or score / noise) in the first C
+        channels of a DiT head, as the release keeps it; the UNet's epsilon, C."""
         labels = self._labels(labels)
         x = np.asarray(x, np.float32)
         if x.shape[1:] != self.latent_shape or len(x) != len(labels):
