@@ -265,10 +265,14 @@ def test_config_and_file_errors(tok_dir, tmp_path):
         convert_dit.check_dit_config(dit_config("sit"), {"path_type": "VP"})
 
 
-def test_unet_configs_are_not_converted_yet(tmp_path):
+def test_unet_configs_go_to_the_ldm_converter(tmp_path, capsys):
+    """network.kind=unet converts LDM-LC checkpoints (vqlc.gen.convert_ldm, tests/
+    test_convert_ldm.py): a DiT file given to it is refused as not an LDM checkpoint."""
     from vqlc import convert
     config_file = tmp_path / "unet.py"
     config_file.write_text(CONFIG_FILE)
-    cmd = [f"--config={config_file}:unet", f"--src={PT}", f"--dst={tmp_path / 'ldm'}"]
-    with pytest.raises(NotImplementedError, match="LDM conversion not implemented yet"):
+    cmd = [f"--config={config_file}:unet", f"--src={PT}", f"--dst={tmp_path / 'ldm'}",
+           f"--tokenizer={tmp_path / 'tok'}"]
+    with pytest.raises(SystemExit):
         convert.main(cmd)
+    assert "not a latent-diffusion Lightning checkpoint" in capsys.readouterr().err

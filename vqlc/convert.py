@@ -16,7 +16,14 @@ The release's generators go through the same command, by the config's task:
         --dst=runs/dit_lc --tokenizer=runs/lc_release [--weights=ema|model]
     python -m vqlc.convert --config=sit_lc_imagenet --src=sit-lc-100K-f16.pth \\
         --dst=runs/sit_lc --tokenizer=runs/lc_release [--weights=ema|model]
-(vqlc.gen.convert_gpt, vqlc.gen.convert_dit; LDM-LC's UNet is not converted yet).
+    python -m vqlc.convert --config=ldm_lc_imagenet --src=<ldm-lc f16 .ckpt> --dst=runs/ldm_lc \
+        [--tokenizer=runs/lc_release] [--weights=ema|model]
+    python -m vqlc.convert --config=ldm_lc_imagenet:f8 --src=<ldm-lc f8 .ckpt> \
+        --dst=runs/ldm_lc_f8 [--tokenizer=runs/lc_release_f8 | --tokenizer_config=imagenet_lc:f8]
+(vqlc.gen.convert_gpt, vqlc.gen.convert_dit, vqlc.gen.convert_ldm). The GPT and LDM checkpoints
+hold their tokenizer (vqgan.*, first_stage_model.*): without --tokenizer it is converted into
+<dst>/tokenizer with --tokenizer_config's geometry (a shipped config name[:variant] or a config
+file; default imagenet_lc, imagenet_lc:f8 for ldm_lc_imagenet:f8).
 
 The workdir written is the one training writes: config.json, codebook.npy (the frozen codebook
 [K, feature_dim]) and checkpoints/<step>/ (orbax) holding a TrainState whose generator and
@@ -137,7 +144,8 @@ def _prefix_map(part: str) -> Dict[str, str]:
 
 
 def release_to_variables(state_dict: Mapping[str, np.ndarray], config,
-                         codebook: Optional[np.ndarray] = None) -> dict:
+                         codebook: Optional[np.ndarray] = None, *,
+                         require_discriminator: bool = True) -> dict:
     """Release state_dict -> vqlc variables for `config`, every shape checked.
 
     Args:
@@ -145,6 +153,9 @@ def release_to_variables(state_dict: Mapping[str, np.ndarray], config,
       config: a tokenizer config with quantizer.kind 'lc' whose geometry matches the checkpoint.
       codebook: [K, D] from `read_codebook`, needed when the state_dict has no
         `tok_embeddings.weight`; when both exist the state_dict's wins (as in the release).
+      require_discriminator: False for a tokenizer saved without its discriminator (LDM-LC's
+        first stage, ldm-lc/ldm/models/models_vq.py, has none): the discriminator is then
+        initialised as training starts one (seed config.seed), so the workdir is complete.
 
     Returns:
       {"g_params", "d_params", "d_batch_stats", "codebook"} (numpy arrays).
@@ -161,7 +172,7 @@ def release_to_variables(state_dict: Mapping[str, np.ndarray], config,
         raise ValueError(f"The release checkpoints are VQGAN-LC models: set "
                          f"--config.quantizer.kind=lc (got {config.quantizer.kind!r}).")
     parts = split_release_state_dict(state_dict)
-    for part in ("generator", "discriminator"):
+    for part in ("generator", "discriminator") if require_discriminator else ("generator",):
         if part not in parts:
             raise ValueError(f"The state_dict has no {part} keys (prefixes "
                              f"{sorted(_prefix_map(part))}): is it a VQGAN-LC checkpoint?")
@@ -199,8 +210,13 @@ def release_to_variables(state_dict: Mapping[str, np.ndarray], config,
     try:
         g = taming_names.torch_to_flax(parts["generator"], _prefix_map("generator"),
                                        target={"params": g_target["params"]})
-        d = taming_names.torch_to_flax(parts["discriminator"], _prefix_map("discriminator"),
-                                       target=d_target)
+        if "discriminator" in parts:
+            d = taming_names.torch_to_flax(parts["discriminator"], _prefix_map("discriminator"),
+                                           target=d_target)
+        else:
+            logging.info("No discriminator keys: initialising the discriminator (seed %d).",
+                         config.seed)
+            d = disc.init(jax.random.key(config.seed), x, train=False)
     except ValueError as e:
         raise ValueError(f"The checkpoint does not match the config: {e}\n"
                          f"{_describe(state_dict)}\n{_CONFIG_HINT}") from None
@@ -318,15 +334,18 @@ _CODEBOOK = flags.DEFINE_string(
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to write; -1 = config.train.num_steps.",
                              flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "GPT checkpoints (a config with task gpt): an existing tokenizer workdir "
-    "to use instead of converting the checkpoint's vqgan.* part. DiT/SiT checkpoints (task "
-    "diffusion): the tokenizer workdir whose latents they model (required).", flag_values=FLAGS)
+    "tokenizer", None, "GPT and LDM checkpoints (task gpt; task diffusion with network.kind "
+    "unet): an existing tokenizer workdir to use instead of converting the checkpoint's "
+    "vqgan.* / first_stage_model.* part. DiT/SiT checkpoints: the tokenizer workdir whose "
+    "latents they model (required).", flag_values=FLAGS)
 _WEIGHTS = flags.DEFINE_enum(
-    "weights", "ema", ["ema", "model"], "DiT/SiT checkpoints: which of the release's weight "
+    "weights", "ema", ["ema", "model"], "DiT/SiT/LDM checkpoints: which of the release's weight "
     "sets to convert (ema: what the release samples with).", flag_values=FLAGS)
 _TOKENIZER_CONFIG = flags.DEFINE_string(
-    "tokenizer_config", "imagenet_lc", "GPT checkpoints: the shipped tokenizer config "
-    "(name[:variant]) matching the checkpoint's vqgan.* part.", flag_values=FLAGS)
+    "tokenizer_config", "imagenet_lc", "GPT and LDM checkpoints: the tokenizer config matching "
+    "the checkpoint's vqgan.* / first_stage_model.* part: a shipped config (name[:variant]) or "
+    "a config file (path.py[:variant]). For ldm_lc_imagenet:f8 the default is "
+    "imagenet_lc:f8.", flag_values=FLAGS)
 flags.mark_flags_as_required(["src", "dst"], flag_values=FLAGS)
 
 
@@ -353,28 +372,54 @@ def _convert_gpt() -> None:
     """The release's GPT checkpoint (vqlc.gen.convert_gpt)."""
     from vqlc.gen import convert_gpt
     tokenizer_config = (None if _TOKENIZER.value
-                        else cli.shipped_config(_TOKENIZER_CONFIG.value))
+                        else tokenizer_config_from(_TOKENIZER_CONFIG.value))
     step = convert_gpt.convert_gpt(_CONFIG.value, _SRC.value, _DST.value,
                                    tokenizer=_TOKENIZER.value, tokenizer_config=tokenizer_config)
     print(f"wrote {os.path.abspath(_DST.value)} (step {step}); sample it with the sample task: "
           f"--config.generator.kind=gpt --config.generator.workdir={_DST.value}")
 
 
+def tokenizer_config_from(value: str):
+    """--tokenizer_config: a shipped config 'name[:variant]' or a config file
+    'path.py[:variant]'."""
+    name, _, variant = value.partition(":")
+    if "/" in name or os.sep in name or name.endswith(".py"):
+        import importlib.util
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"--tokenizer_config={value}: no file {name!r}.")
+        spec = importlib.util.spec_from_file_location("_vqlc_tokenizer_config", name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(variant)
+    return cli.shipped_config(value)
+
+
 def _convert_diffusion() -> None:
-    """The release's DiT-LC / SiT-LC checkpoints (vqlc.gen.convert_dit), by network.kind."""
-    kind = _CONFIG.value.network.kind
+    """The release's DiT-LC / SiT-LC (vqlc.gen.convert_dit) and LDM-LC (vqlc.gen.convert_ldm)
+    checkpoints, by network.kind."""
+    config = _CONFIG.value
+    kind = config.network.kind
+    if kind not in ("dit", "sit", "unet"):
+        raise ValueError(f"network.kind={kind!r}: no converter (dit, sit, unet).")
     if kind == "unet":
-        raise NotImplementedError("network.kind='unet': the release's LDM conversion not "
-                                  "implemented yet (DiT and SiT checkpoints are).")
-    if kind not in ("dit", "sit"):
-        raise ValueError(f"network.kind={kind!r}: no converter (dit, sit).")
-    from vqlc.gen import convert_dit
-    step = convert_dit.convert_dit(_CONFIG.value, _SRC.value, _DST.value,
-                                   tokenizer=_TOKENIZER.value, weights=_WEIGHTS.value)
+        from vqlc.gen import convert_ldm
+        value = _TOKENIZER_CONFIG.value
+        if not FLAGS["tokenizer_config"].present and config.network.size == "f8":
+            value = "imagenet_lc:f8"  # the f8 LDM models the f8 tokenizer's latents
+        tokenizer_config = None if _TOKENIZER.value else tokenizer_config_from(value)
+        step = convert_ldm.convert_ldm(config, _SRC.value, _DST.value,
+                                       tokenizer=_TOKENIZER.value,
+                                       tokenizer_config=tokenizer_config, weights=_WEIGHTS.value)
+        tokenizer = _TOKENIZER.value or os.path.join(_DST.value, convert_ldm.TOKENIZER_SUBDIR)
+    else:
+        from vqlc.gen import convert_dit
+        step = convert_dit.convert_dit(config, _SRC.value, _DST.value,
+                                       tokenizer=_TOKENIZER.value, weights=_WEIGHTS.value)
+        tokenizer = _TOKENIZER.value
     print(f"wrote {os.path.abspath(_DST.value)} (step {step}, {_WEIGHTS.value} weights); sample "
           f"it with the sample task: --config.generator.kind=diffusion "
           f"--config.generator.workdir={_DST.value} "
-          f"--config.tokenizer.workdir={_TOKENIZER.value}")
+          f"--config.tokenizer.workdir={tokenizer}")
 
 
 if __name__ == "__main__":

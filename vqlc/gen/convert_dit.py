@@ -31,10 +31,11 @@ sigma head and its forward returns the first C channels (the velocity), as our f
 reads `out[..., :C]`; SiT's t is in [0, 1] with t = 1 the data (transport/path.py ICPlan,
 vqlc.gen.objectives.flow's convention), DiT's t is the DDPM step 0..999.
 
-The workdir written is the one the diffusion task writes: config.json (tokenizer.workdir set to
---tokenizer), generator.json (diffusion_train.generator_record: latent_shape from the tokenizer,
-latent_stats mean 0 / std 1 since the release trains on raw latents, plus a `release` entry:
-source file, weights converted, the args Namespace's plain fields) and checkpoints/<step>/
+The workdir written (vqlc.gen.release_workdir, shared with vqlc.gen.convert_ldm) is the one
+the diffusion task writes: config.json (tokenizer.workdir set to --tokenizer), generator.json
+(diffusion_train.generator_record: latent_shape from the tokenizer, latent_stats mean 0 /
+std 1 since the release trains on raw latents, plus a `release` entry: source file, weights
+converted, the args Namespace's plain fields) and checkpoints/<step>/
 (orbax) holding a TrainState (vqlc.gen.trainer) whose `params` and `ema_params` both hold the
 converted weights (as trainer.fresh_state starts a run), so the sampler reads them with either
 `use_ema`; the optimiser state is fresh, step = config.train.num_steps.
@@ -60,7 +61,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from vqlc import atomic_io, convert, rundir, torch_files
+from vqlc import convert, rundir, torch_files
+from vqlc.gen import release_workdir
 
 WEIGHTS = ("ema", "model")
 ENTRIES = ("model", "ema", "opt", "args")  # what the release's train.py saves
@@ -338,34 +340,8 @@ def check_dit_config(config, args: Mapping[str, object]) -> None:
 
 # ---------------------------------------------------------------------------------- the workdir
 
-def diffusion_state(config, model, latent_shape, flat_params: dict):
-    """A TrainState holding the params (and, with EMA, the same as its ema_params), checked
-    against the diffusion task's own init_state structure, shapes and dtypes, so resuming and
-    DiffusionGenerator.load restore into it. `flat_params` ({path tuple: numpy array}) is
-    emptied leaf by leaf as the arrays move to the device, so that a full-size model is not
-    held twice."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from vqlc import parallel
-    from vqlc.gen import diffusion_train, trainer
-    moved = {path: None for path in flat_params}
-    for path in list(flat_params):
-        moved[path] = jnp.asarray(flat_params.pop(path))
-    params = traverse_util.unflatten_dict(moved)
-    del moved
-    init_params = diffusion_train.init_params_fn(model, latent_shape)
-    tx = trainer.make_optimizer(config.optim, config.train.num_steps,
-                                jax.eval_shape(init_params, jax.random.key(0)))
-    ema = bool(config.optim.ema_decay)
-    mesh = parallel.make_mesh(1)
-    expected = jax.eval_shape(lambda: trainer.fresh_state(init_params(jax.random.key(0)), tx,
-                                                          seed=config.seed, ema=ema))
-    state = trainer.fresh_state(params, tx, seed=config.seed, ema=ema,
-                                step=config.train.num_steps)
-    convert._check_like(state, expected)
-    return jax.device_put(state, parallel.replicated(mesh))
+# The TrainState and the workdir: vqlc.gen.release_workdir (shared with convert_ldm).
+diffusion_state = release_workdir.diffusion_state
 
 
 def convert_dit(config, src: str, dst: str, *, tokenizer: Optional[str],
@@ -376,7 +352,6 @@ def convert_dit(config, src: str, dst: str, *, tokenizer: Optional[str],
 
     from flax import traverse_util
 
-    from vqlc import config_io
     from vqlc.gen import diffusion_train
     from vqlc.tokenizer import Tokenizer
     if not tokenizer:
@@ -399,18 +374,9 @@ def convert_dit(config, src: str, dst: str, *, tokenizer: Optional[str],
     flat = traverse_util.flatten_dict(release_to_params(state_dict, model))
     del state_dict
 
-    os.makedirs(dst, exist_ok=True)
-    config_io.write_or_check(config, dst)
-    stats = {"mean": 0.0, "std": 1.0}  # the release's raw latents
-    record = diffusion_train.generator_record(config, tok, latent_shape, 0, "", stats)
-    record["release"] = {"source": os.path.abspath(src), "weights": weights, "args": args}
-    atomic_io.atomic_write_json(rundir.join(dst, diffusion_train.GENERATOR_FILE), record)
-    step = int(config.train.num_steps)
-    state = diffusion_state(config, model, latent_shape, flat)
-    from vqlc import checkpoint
-    manager = checkpoint.make_manager(dst, keep=config.train.keep_checkpoints)
-    checkpoint.save(manager, step, state, None, force=True)
-    manager.close()
+    release = {"source": os.path.abspath(src), "weights": weights, "args": args}
+    step = release_workdir.write_diffusion_workdir(config, dst, tok, latent_shape, model, flat,
+                                                   release)
     logging.info("Converted %s (%s weights) -> %s (step %d, tokenizer %s).", src, weights, dst,
                  step, tokenizer)
     return step

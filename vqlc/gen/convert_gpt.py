@@ -182,13 +182,18 @@ def _mismatch_message(model, gpt, unexpected, missing, misshaped) -> str:
 
 # --------------------------------------------------------------------------------- the tokenizer
 
-def write_tokenizer_workdir(tokenizer_config, release: Mapping[str, np.ndarray], dst: str) -> str:
-    """The embedded `vqgan.*` tokenizer -> a tokenizer workdir at `dst`, written as
-    vqlc.convert writes one (config.json, codebook.npy, a checkpoint at train.num_steps)."""
+def write_tokenizer_workdir(tokenizer_config, release: Mapping[str, np.ndarray], dst: str, *,
+                            prefix: str = TOKENIZER_PREFIX,
+                            require_discriminator: bool = True) -> str:
+    """An embedded tokenizer (the tokenizer release's keys, found under `prefix`: `vqgan.*`
+    here, `first_stage_model.*` in LDM-LC's checkpoints) -> a tokenizer workdir at `dst`,
+    written as vqlc.convert writes one (config.json, codebook.npy, a checkpoint at
+    train.num_steps). require_discriminator: see convert.release_to_variables."""
     if not release:
-        raise ValueError(f"The checkpoint has no {TOKENIZER_PREFIX}* keys: pass "
+        raise ValueError(f"The checkpoint has no {prefix}* keys: pass "
                          "--tokenizer=<tokenizer workdir> (e.g. one vqlc.convert wrote).")
-    variables = convert.release_to_variables(release, tokenizer_config)
+    variables = convert.release_to_variables(release, tokenizer_config,
+                                             require_discriminator=require_discriminator)
     convert.write_workdir(tokenizer_config, variables, dst, int(tokenizer_config.train.num_steps))
     return dst
 
