@@ -339,10 +339,7 @@ def check_dit_config(config, args: Mapping[str, object]) -> None:
 
 
 # ---------------------------------------------------------------------------------- the workdir
-
-# The TrainState and the workdir: vqlc.gen.release_workdir (shared with convert_ldm).
-diffusion_state = release_workdir.diffusion_state
-
+# (written by vqlc.gen.release_workdir, shared with convert_ldm)
 
 def convert_dit(config, src: str, dst: str, *, tokenizer: Optional[str],
                 weights: str = "ema") -> int:
