@@ -485,6 +485,32 @@ def _walk(obj: Any, prefix: str, seen: set) -> Iterator[Tuple[str, np.ndarray]]:
         yield from _walk(v, f"{prefix}.{k}" if prefix else str(k), seen)
 
 
+# ------------------------------------------------------------------ torch layouts -> Flax
+
+TORCH_LAYOUTS = ("linear", "conv", None)
+
+
+def to_flax_layout(array: np.ndarray, layout: Optional[str]) -> np.ndarray:
+    """A torch weight in Flax's layout: "linear" [out, in] -> [in, out]; "conv" [out, in, kh,
+    kw] -> [kh, kw, in, out]; None as it is (biases, norms, embeddings)."""
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(2, 3, 1, 0)
+    if layout is not None:
+        raise ValueError(f"layout {layout!r}; valid: {TORCH_LAYOUTS}.")
+    return array
+
+
+def flax_shape(shape: tuple, layout: Optional[str]) -> tuple:
+    """The shape `to_flax_layout` gives an array of `shape` (without reading it)."""
+    if layout == "linear":
+        return tuple(shape[::-1])
+    if layout == "conv" and len(shape) == 4:
+        return tuple(shape[i] for i in (2, 3, 1, 0))
+    return tuple(shape)
+
+
 def flatten_arrays(obj: Any) -> Dict[str, np.ndarray]:
     """All numpy (and :class:`LazyTensor`) leaves of a loaded tree, keyed by their '.'-joined
     path."""

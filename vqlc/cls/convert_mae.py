@@ -152,22 +152,6 @@ def classify_key(key: str, model) -> Tuple[Optional[Mapped], Optional[str]]:
     raise KeyError(key)
 
 
-def _target_shape(shape: tuple, layout: Optional[str]) -> tuple:
-    if layout == "linear":
-        return tuple(shape[::-1])
-    if layout == "conv" and len(shape) == 4:
-        return tuple(shape[i] for i in (2, 3, 1, 0))
-    return tuple(shape)
-
-
-def _layout(array: np.ndarray, layout: Optional[str]) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":
-        return array.transpose(2, 3, 1, 0)
-    return array
-
-
 # Model parameters MAE's checkpoint need not hold: freshly initialised (MAE's fine-tune init).
 def _may_be_fresh(path: Tuple[str, ...], model) -> bool:
     return path[0] in ("head", "fc_norm", "stem")
@@ -199,7 +183,7 @@ def mae_to_params(state_dict: Mapping[str, object], model, seed: int = 0):
         if path not in fresh:
             unexpected.append(key)
             continue
-        shape = _target_shape(tuple(value.shape), layout)
+        shape = torch_files.flax_shape(tuple(value.shape), layout)
         want = fresh[path].shape
         if key == "pos_embed":  # any square grid: interpolated to the model's
             ok = len(shape) == 3 and shape[0] == 1 and shape[2] == want[2]
@@ -248,7 +232,8 @@ def mae_to_params(state_dict: Mapping[str, object], model, seed: int = 0):
             array = pe.interpolate_pos_embed(array, model.grid_size)
             report["pos_embed"] = (f"{side}x{side} -> {model.grid_size}x{model.grid_size}"
                                    if side != model.grid_size else f"kept {side}x{side}")
-        params[path] = np.ascontiguousarray(_layout(array, layout), dtype=np.float32)
+        params[path] = np.ascontiguousarray(torch_files.to_flax_layout(array, layout),
+                                            dtype=np.float32)
         report["loaded"].append(key)
     report["fresh"] = ["/".join(p) for p in fresh if p not in mapped]
     return traverse_util.unflatten_dict(params), report

@@ -173,14 +173,6 @@ def flax_path(key: str) -> Optional[Mapped]:
     raise KeyError(key)
 
 
-def _layout(array: np.ndarray, layout: Optional[str]) -> np.ndarray:
-    if layout == "linear":
-        return array.T
-    if layout == "conv":
-        return array.transpose(2, 3, 1, 0)
-    return array
-
-
 def checkpoint_geometry(state_dict: Mapping[str, object]) -> dict:
     """What the checkpoint's own shapes say (None where a key is absent)."""
     g = {"depth": len({int(m.group(1)) for k in state_dict for m in [_BLOCK_KEY.match(k)] if m})}
@@ -292,7 +284,8 @@ def release_to_params(state_dict: Mapping[str, object], model) -> dict:
         array = _load(state_dict[key])
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"{key} has dtype {array.dtype}; DiT's weights are floats.")
-        params[path] = np.ascontiguousarray(_layout(array, layout), dtype=np.float32)
+        params[path] = np.ascontiguousarray(torch_files.to_flax_layout(array, layout),
+                                            dtype=np.float32)
         del array
     return traverse_util.unflatten_dict(params)
 

@@ -69,6 +69,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from vqlc import torch_files
+
 UNET_PREFIX = "model.diffusion_model."
 COND_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
@@ -96,10 +98,8 @@ def _leaf(path: tuple, name: str, value: np.ndarray, key: str):
         raise ValueError(f"state-dict key {key!r}: unexpected leaf {name!r}.")
     if path[-1] == "embedding" and path[0] == "cond_stage_model":
         return "embedding", value
-    if value.ndim == 4:
-        return "kernel", value.transpose(2, 3, 1, 0)
-    if value.ndim == 2:
-        return "kernel", value.T
+    if value.ndim in (2, 4):
+        return "kernel", torch_files.to_flax_layout(value, "linear" if value.ndim == 2 else "conv")
     if value.ndim == 1:
         return "scale", value
     raise ValueError(f"state-dict key {key!r}: a {value.ndim}-D weight.")
@@ -194,7 +194,6 @@ def read_ldm_release(path: str) -> tuple:
     Only `state_dict` is walked; optimizer_states and the rest are never materialised."""
     import os
 
-    from vqlc import torch_files
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Checkpoint not found: {path!r}. The release's LDM-LC files are the Lightning "
@@ -430,10 +429,7 @@ def release_to_params(parts: Mapping, model, *, ema: bool = True) -> dict:
         array = _load(value)
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"{source} has dtype {array.dtype}; the UNet's weights are floats.")
-        if layout == "conv":
-            array = array.transpose(2, 3, 1, 0)
-        elif layout == "linear":
-            array = array.T
+        array = torch_files.to_flax_layout(array, layout)
         params[target] = np.ascontiguousarray(array, dtype=np.float32)
         del array
     return params
