@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlc.gen.networks import dit  # timm's Attention and Mlp, shared with DiT
 from vqlc.models.build import COMPUTE_DTYPES
 
 STEMS = ("pixels", "projected", "codebook", "embed")
@@ -81,9 +82,8 @@ TORCH_CONV = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in
 
 
 def linear(features: int, name: str, dtype: Any, kernel_init=TRUNC) -> nn.Dense:
-    """A linear layer with bias: float32 parameters, `dtype` compute, zero bias."""
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-                    bias_init=ZEROS, name=name)
+    """dit.linear with timm's ViT init (trunc normal, std 0.02)."""
+    return dit.linear(features, name, dtype, kernel_init)
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
@@ -98,31 +98,6 @@ def drop_path_rates(drop_path: float, depth: int) -> list:
 
 
 # ------------------------------------------------------------------------------------ blocks
-
-class Attention(nn.Module):
-    """timm's Attention: fused qkv with bias, heads split as [3, heads, head_dim], proj."""
-    num_heads: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, width = x.shape
-        qkv = linear(3 * width, "qkv", self.dtype)(x)
-        qkv = qkv.reshape(b, t, 3, self.num_heads, width // self.num_heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        return linear(width, "proj", self.dtype)(out.reshape(b, t, width))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (exact, torch's nn.GELU default as timm's ViT) -> fc2."""
-    hidden_features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(linear(self.hidden_features, "fc1", self.dtype)(x), approximate=False)
-        return linear(x.shape[-1], "fc2", self.dtype)(h)
-
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """timm's drop_path: each sample's branch kept with probability 1 - rate, scaled by
@@ -149,9 +124,10 @@ class Block(nn.Module):
                 return y
             return drop_path(y, self.drop_rate, self.make_rng("dropout"))
 
-        x = x + branch(Attention(self.num_heads, self.dtype, name="attn")(
+        x = x + branch(dit.Attention(self.num_heads, self.dtype, TRUNC, name="attn")(
             layer_norm("norm1")(x)).astype(jnp.float32))
-        mlp = Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")
+        mlp = dit.Mlp(int(width * self.mlp_ratio), self.dtype, approximate_gelu=False,
+                      kernel_init=TRUNC, name="mlp")
         return x + branch(mlp(layer_norm("norm2")(x)).astype(jnp.float32))
 
 

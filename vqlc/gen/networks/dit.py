@@ -178,28 +178,33 @@ class LabelEmbedder(nn.Module):
 # ------------------------------------------------------------------------------------ blocks
 
 class Attention(nn.Module):
-    """timm's Attention as DiT uses it: fused qkv with bias, heads split as [3, heads, dim]."""
+    """timm's Attention (DiT's and ViT's): fused qkv with bias, heads split as
+    [3, heads, dim], then proj."""
     num_heads: int
     dtype: Any = jnp.float32
+    kernel_init: Any = XAVIER
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, width = x.shape
-        qkv = linear(3 * width, "qkv", self.dtype)(x)
+        qkv = linear(3 * width, "qkv", self.dtype, self.kernel_init)(x)
         qkv = qkv.reshape(b, t, 3, self.num_heads, width // self.num_heads)
         out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        return linear(width, "proj", self.dtype)(out.reshape(b, t, width))
+        return linear(width, "proj", self.dtype, self.kernel_init)(out.reshape(b, t, width))
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU (tanh approximation, as DiT) -> fc2."""
+    """fc1 -> GELU -> fc2: the tanh approximation as DiT, exact (torch's nn.GELU) as ViT."""
     hidden_features: int
     dtype: Any = jnp.float32
+    approximate_gelu: bool = True
+    kernel_init: Any = XAVIER
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(linear(self.hidden_features, "fc1", self.dtype)(x), approximate=True)
-        return linear(x.shape[-1], "fc2", self.dtype)(h)
+        h = linear(self.hidden_features, "fc1", self.dtype, self.kernel_init)(x)
+        h = jax.nn.gelu(h, approximate=self.approximate_gelu)
+        return linear(x.shape[-1], "fc2", self.dtype, self.kernel_init)(h)
 
 
 class DiTBlock(nn.Module):
