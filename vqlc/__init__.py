@@ -16,4 +16,7 @@ def __getattr__(name):
     if name == "Generator":
         from vqlc.gen.loaded import Generator
         return Generator
+    if name == "Classifier":
+        from vqlc.cls.loaded import Classifier
+        return Classifier
     raise AttributeError(f"module 'vqlc' has no attribute {name!r}")

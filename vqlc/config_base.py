@@ -89,6 +89,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 8
     c.data.eval_max_images = 0  # 0 = the whole split
     c.data.demo_photo_size = 160
+    c.data.demo_holdout = 0.0  # > 0: hold out the right strip of each training photo (eval)
     c.data.check_images = True  # folders: open each file's header at start (~0.1 ms/file)
     c.data.max_bad_fraction = 0.01  # more unreadable files than this fraction: BadDataError
 

@@ -12,7 +12,8 @@ CONFIG_FILE = rundir.CONFIG
 # tokenizer's for configs without a task of their own).
 _IDENTITY = ("model", "quantizer", "codebook.feature_dim", "disc", "data.image_size")
 _IDENTITY_BY_TASK = {"gpt": ("network", "optim.ema_decay"),
-                     "diffusion": ("network", "objective", "optim.ema_decay")}
+                     "diffusion": ("network", "objective", "optim.ema_decay"),
+                     "classifier": ("network",)}
 # Fields inside those that change how a step computes, not what a checkpoint holds: a run may
 # resume with other values (e.g. switch to bfloat16 compute, or to remat to fit memory).
 _NOT_IDENTITY = {"model": ("dtype", "remat")}

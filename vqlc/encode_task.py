@@ -121,6 +121,20 @@ def data_config(config, image_size: int):
     return data
 
 
+def encoded_workdir(given: str, encode_config, *, tokenizer_workdir: str, mesh_data: int,
+                    directory: str) -> str:
+    """A trainer's data: `given` (an existing encode workdir), or `directory` encoded now
+    (resumably: a re-run skips the shards on disk) with the trainer's nested encode config,
+    through the trainer's tokenizer and mesh."""
+    if given:
+        return given
+    c = ml_collections.ConfigDict(encode_config.to_dict())
+    c.tokenizer.workdir = tokenizer_workdir
+    c.mesh.data = mesh_data
+    run(c, directory)
+    return directory
+
+
 def dataset_description(data, split: str, source) -> dict:
     desc = {"kind": data.kind, "split": split, "source": repr(source)}
     if data.kind == "tfds":

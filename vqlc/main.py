@@ -20,6 +20,7 @@ TASKS = {
     "sample": "vqlc.gen.sample:run",  # a generator's samples -> samples.npz (ADM layout)
     "gpt": "vqlc.gen.gpt_train:run",  # a GPT over the token maps of an encode workdir
     "diffusion": "vqlc.gen.diffusion_train:run",  # DiT / SiT over latents
+    "classifier": "vqlc.cls.train:run",  # a ViT over token maps (MAE's fine-tuning recipe)
 }
 
 PROG = "vqlc.main"

@@ -75,6 +75,18 @@ def decode_latents_fn(model):
     return lambda variables, z: model.apply(variables, z, method=_snap_and_decode)
 
 
+def code_vectors_fn(model):
+    """(variables) -> float32 [K, dim]: every code's vector in latent space, what the decoder
+    sees for each id (the LC projector applied to the frozen codebook; VQ's and EMA's table)."""
+    return lambda variables: model.apply(variables, method=lambda m: m.quantizer.codebook())
+
+
+def decode_vectors_fn(model):
+    """(variables, vectors [B, h, w, dim]) -> images in about [-1, 1], decoded as they are (no
+    snapping: blends of code vectors, such as mixup's, decode too)."""
+    return lambda variables, z: model.apply(variables, z, method=type(model).decode)
+
+
 def config_hash(config) -> str:
     """A short hash of the fields that define what a tokenizer computes (config_io's identity
     fields), for datasets and samples to record which tokenizer made them."""
@@ -185,6 +197,19 @@ class Tokenizer:
     def identity(self) -> dict:
         """Which tokenizer this is: recorded next to datasets and samples made with it."""
         return {"workdir": self.workdir, "step": self.step, "config_hash": config_hash(self.config)}
+
+    def code_vectors(self) -> jax.Array:
+        """float32 [K, dim] on the mesh (replicated): each code id's latent vector."""
+        return jax.jit(code_vectors_fn(self.model))(self.variables)
+
+    def frozen_codebook(self) -> jax.Array:
+        """float32 [K, feature_dim]: the LC quantizer's frozen codebook C (its k-means centres,
+        e.g. CLIP features), as placed on the mesh. Other quantizers have none (ValueError)."""
+        frozen = self.variables.get("frozen")
+        if not frozen:
+            raise ValueError(f"A {self.config.quantizer.kind!r} tokenizer has no frozen "
+                             "codebook: only VQGAN-LC's quantizer (kind 'lc') keeps one.")
+        return frozen["quantizer"]["codebook"]
 
     @property
     def image_size(self) -> int:

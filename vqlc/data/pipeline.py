@@ -38,7 +38,8 @@ def make_source(cfg, split: str):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
     if cfg.kind == "demo":
         return sources.DemoPhotos(
-            split, photo_size=cfg.demo_photo_size, crop_size=cfg.image_size)
+            split, photo_size=cfg.demo_photo_size, crop_size=cfg.image_size,
+            holdout=float(cfg.get("demo_holdout", 0.0)))  # older workdirs' configs lack it
     if cfg.kind == "folder":
         root = cfg.path if split == "train" else (cfg.eval_path or cfg.path)
         if not root:

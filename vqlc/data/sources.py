@@ -265,20 +265,32 @@ class DemoPhotos(_SafeReads):
     held-out photos (``DEMO_EVAL_PHOTOS``, never seen in training), each resized to a shorter
     side of ``photo_size`` and of ``2 * photo_size``. Records are already ``crop_size`` square.
     With the defaults (160, 64) that is 300 crops, i.e. 19,200 tokens at downsampling 8.
+
+    ``holdout > 0`` (a fraction of each photo's width) turns the demo into a classification
+    task over the seven training photos (label = photo) with a test set they never show: the
+    ``train`` split keeps only the left ``1 - holdout`` of each resized photo, and ``eval`` is
+    a grid of crops (stride ``crop_size // 4``) of the right-hand strip of the same photos at
+    ``photo_size``, labelled by photo. No training crop overlaps an eval crop.
     """
 
-    def __init__(self, split: str, *, photo_size: int = 160, crop_size: int = 64):
+    def __init__(self, split: str, *, photo_size: int = 160, crop_size: int = 64,
+                 holdout: float = 0.0):
         if split not in ("train", "eval"):
             raise ValueError(f"DemoPhotos split must be 'train' or 'eval', got {split!r}.")
         if photo_size < crop_size:
             raise ValueError(f"photo_size {photo_size} is smaller than crop_size {crop_size}.")
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"data.demo_holdout={holdout} must be in [0, 1).")
         self.split = split
         self.photo_size = photo_size
         self.crop_size = crop_size
+        self.holdout = holdout
         self._init_safe_reads(1.0)  # decoded once, here: nothing can fail later
-        names = DEMO_TRAIN_PHOTOS if split == "train" else DEMO_EVAL_PHOTOS
+        names = DEMO_TRAIN_PHOTOS if split == "train" or holdout else DEMO_EVAL_PHOTOS
         self.photo_names = names
-        if split == "train":
+        if holdout:
+            self._init_holdout(names)
+        elif split == "train":
             self._photos = [transforms.resize_shorter_side(_demo_photo(n), photo_size)
                             for n in names]
             for photo in self._photos:
@@ -298,6 +310,28 @@ class DemoPhotos(_SafeReads):
                         for left in _grid_starts(width, crop_size, stride):
                             self._crops.append((len(self._photos) - 1, label, top, left))
 
+    def _init_holdout(self, names) -> None:
+        """Left part of each training photo for 'train'; crops of its right strip for 'eval'."""
+        size, parts, self._crops = self.crop_size, [], None if self.split == "train" else []
+        for label, name in enumerate(names):
+            photo = transforms.resize_shorter_side(_demo_photo(name), self.photo_size)
+            height, width = photo.shape[:2]
+            cut = width - int(round(width * self.holdout))
+            if cut < size or width - cut < size:
+                raise ValueError(f"data.demo_holdout={self.holdout}: {name} at {width} px wide "
+                                 f"leaves {cut} px to train on and {width - cut} px held out; "
+                                 f"both must be at least the {size} px crop.")
+            if self.split == "train":
+                parts.append(np.ascontiguousarray(photo[:, :cut]))
+                parts[-1].flags.writeable = False
+                continue
+            parts.append(photo[:, cut:])
+            stride = max(size // 4, 1)
+            for top in _grid_starts(height, size, stride):
+                for left in _grid_starts(width - cut, size, stride):
+                    self._crops.append((label, label, top, left))
+        self._photos = parts
+
     def __len__(self) -> int:
         return DEMO_TRAIN_LENGTH if self.split == "train" else len(self._crops)
 
@@ -311,8 +345,9 @@ class DemoPhotos(_SafeReads):
         return {"image": np.ascontiguousarray(image), "label": label}
 
     def __repr__(self) -> str:
+        holdout = f", holdout={self.holdout}" if self.holdout else ""
         return (f"DemoPhotos(split={self.split!r}, photo_size={self.photo_size}, "
-                f"crop_size={self.crop_size}, len={len(self)})")
+                f"crop_size={self.crop_size}{holdout}, len={len(self)})")
 
 
 # ----------------------------------------------------------------------------------------------

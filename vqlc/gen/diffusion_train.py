@@ -250,15 +250,10 @@ def _check_labels(images: token_data.ImageCopies, num_classes: int) -> None:
 
 def latents_workdir(config, workdir: str) -> str:
     """data.tokens, or <workdir>/latents encoded now (resumably) by the nested encode task."""
-    if config.data.tokens:
-        return config.data.tokens
     from vqlc import encode_task
-    c = ml_collections.ConfigDict(config.data.encode.to_dict())
-    c.tokenizer.workdir = config.tokenizer.workdir
-    c.mesh.data = config.mesh.data
-    directory = rundir.join(workdir, "latents")
-    encode_task.run(c, directory)
-    return directory
+    return encode_task.encoded_workdir(
+        config.data.tokens, config.data.encode, tokenizer_workdir=config.tokenizer.workdir,
+        mesh_data=config.mesh.data, directory=rundir.join(workdir, "latents"))
 
 
 def generator_record(config, tokenizer, shape, images: int, tokens: str, stats: dict) -> dict:

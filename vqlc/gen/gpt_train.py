@@ -241,12 +241,7 @@ def run(config, workdir: str) -> dict:
 
 def tokens_workdir(config, workdir: str) -> str:
     """data.tokens, or <workdir>/tokens encoded now (resumably) by the nested encode task."""
-    if config.data.tokens:
-        return config.data.tokens
     from vqlc import encode_task
-    c = ml_collections.ConfigDict(config.data.encode.to_dict())
-    c.tokenizer.workdir = config.tokenizer.workdir
-    c.mesh.data = config.mesh.data
-    directory = rundir.join(workdir, "tokens")
-    encode_task.run(c, directory)
-    return directory
+    return encode_task.encoded_workdir(
+        config.data.tokens, config.data.encode, tokenizer_workdir=config.tokenizer.workdir,
+        mesh_data=config.mesh.data, directory=rundir.join(workdir, "tokens"))

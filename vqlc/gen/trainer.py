@@ -150,9 +150,15 @@ def make_train_step(loss_fn: Callable, tx, ema_decay: float, ema_warmup: bool = 
     return train_step
 
 
-def fit(config, workdir: str, *, state: TrainState, train_step: Callable, train_it, mesh):
+def fit(config, workdir: str, *, state: TrainState, train_step: Callable, train_it, mesh,
+        schedule: Callable | None = None, frozen=None):
     """Resume from the newest checkpoint, then train to config.train.num_steps on the shared
-    loop; returns (state, step reached, stopped early)."""
+    loop; returns (state, step reached, stopped early).
+
+    schedule: step -> learning rate, for the logs (default: config.optim's AdamW schedule).
+    frozen: a pytree of arrays already on the mesh that every step reads and nothing trains
+    (e.g. a tokenizer's codebook), handed to train_step as batch["frozen"]: an argument of the
+    compiled step, not a constant baked into it, and never checkpointed."""
     num_steps = config.train.num_steps
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
     state, start = loop.resume(manager, state, train_it)
@@ -162,7 +168,11 @@ def fit(config, workdir: str, *, state: TrainState, train_step: Callable, train_
     reporter = reporting.Reporter(workdir, num_steps=num_steps, start_step=start,
                                   batch_size=config.train.batch_size,
                                   progress_bar=config.train.progress_bar)
-    schedule = learning_rate_schedule(config.optim, num_steps)
+    schedule = schedule or learning_rate_schedule(config.optim, num_steps)
+
+    def next_batch():
+        batch = parallel.global_batch(next(train_it), mesh)
+        return batch if frozen is None else {**batch, "frozen": frozen}
 
     def on_log(step, state, scalars):
         scalars["lr"] = float(schedule(step))
@@ -171,7 +181,7 @@ def fit(config, workdir: str, *, state: TrainState, train_step: Callable, train_
     try:
         return loop.run_loop(
             state, train_step=step_fn,
-            next_batch=lambda: parallel.global_batch(next(train_it), mesh), num_steps=num_steps,
+            next_batch=next_batch, num_steps=num_steps,
             cadence=loop.Cadence.from_config(config.train), manager=manager, reporter=reporter,
             data_iterator=train_it, on_log=on_log, start_step=start)
     finally:
