@@ -60,10 +60,8 @@ minutes, each JAX train-step compile + first step about 2); not measured on idle
 look: --ddpm-steps 50 --geometries 16x16x8 (or --ddpm-steps 0 / --no-dopri5 to skip rows).
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,7 +70,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]  # vqlc; the shared torch_worker_client
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -82,6 +80,7 @@ from vqlc.gen import convert_dit, diffusion_train, trainer  # noqa: E402
 from vqlc.gen.networks import dit  # noqa: E402
 from vqlc.gen.objectives import diffusion  # noqa: E402
 from vqlc.gen.samplers import ddpm, ode  # noqa: E402
+from torch_worker_client import TorchWorker  # noqa: E402
 
 TORCH_VENV = "/work/venv-torch/bin/python"
 SIZE = "S/2"
@@ -109,42 +108,6 @@ def nchw(x) -> list:
 
 def nhwc(x) -> np.ndarray:
     return np.asarray(x, np.float32).transpose(0, 2, 3, 1)
-
-
-# --------------------------------------------------------------------------- the torch worker
-
-class TorchWorker:
-    """benchmarks/dit_torch_worker.py in a subprocess; its stderr goes to a log file."""
-
-    def __init__(self, python: str, threads: int):
-        self.log = tempfile.NamedTemporaryFile("w", prefix="dit_torch_worker_", suffix=".log",
-                                               delete=False)
-        self.log_path = self.log.name
-        self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "dit_torch_worker.py"), str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT)
-        self.hello = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            with open(self.log_path) as f:
-                tail = f.read()[-4000:]
-            raise RuntimeError(f"torch worker failed (exit {self.proc.returncode}):\n{tail}")
-        return json.loads(line)
-
-    def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait()
-        self.log.close()
 
 
 # ------------------------------------------------------------------------------- the JAX side
@@ -376,7 +339,8 @@ def parse_args():
 def main():
     args = parse_args()
     start = time.perf_counter()
-    worker = TorchWorker(args.torch_python, args.threads)
+    worker = TorchWorker(args.torch_python, os.path.join(HERE, "dit_torch_worker.py"),
+                         args.threads)
     rows = []
     try:
         sampling = bool(args.ddpm_steps) or not args.no_dopri5

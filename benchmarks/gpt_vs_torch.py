@@ -38,19 +38,16 @@ shared CPU, torch's OpenMP threads lose most when other processes take cores (se
 benchmarks/train_step.py): the table gives each median's range (slowest-fastest run) to show it.
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]  # vqlc; the shared torch_worker_client
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -60,6 +57,7 @@ from vqlc import parallel  # noqa: E402
 from vqlc.configs import gpt_demo  # noqa: E402
 from vqlc.gen import gpt_train, trainer  # noqa: E402
 from vqlc.gen.samplers import autoregressive as ar  # noqa: E402
+from torch_worker_client import TorchWorker  # noqa: E402
 
 TORCH_VENV = "/work/venv-torch/bin/python"
 SIZES = {
@@ -135,45 +133,6 @@ class JaxGPT:
                           temperature=1.0, top_k=top_k)
         jax.block_until_ready(codes)
         return {"t": time.perf_counter() - start, "tokens": int(codes.size)}
-
-
-# --------------------------------------------------------------------------- the torch worker
-
-class TorchWorker:
-    """benchmarks/gpt_torch_worker.py in a subprocess; its stderr goes to a log file."""
-
-    def __init__(self, python: str, threads: int):
-        self.log = tempfile.NamedTemporaryFile("w", prefix="gpt_torch_worker_", suffix=".log",
-                                               delete=False)
-        self.log_path = self.log.name
-        self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "gpt_torch_worker.py"), str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT)
-        self.hello = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            with open(self.log_path) as f:
-                tail = f.read()[-4000:]
-            raise RuntimeError(f"torch worker failed (exit {self.proc.returncode}):\n{tail}")
-        return json.loads(line)
-
-    def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.ask_quit()
-        self.log.close()
-
-    def ask_quit(self) -> None:
-        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-        self.proc.stdin.flush()
-        self.proc.wait()
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -330,7 +289,8 @@ def parse_args():
 def main():
     args = parse_args()
     start = time.perf_counter()
-    worker = TorchWorker(args.torch_python, args.threads)
+    worker = TorchWorker(args.torch_python, os.path.join(HERE, "gpt_torch_worker.py"),
+                         args.threads)
     try:
         rows = [row for i, name in enumerate(args.sizes) for row in bench_size(args, worker,
                                                                               name, i)]

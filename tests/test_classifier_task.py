@@ -179,3 +179,24 @@ def test_codebook_stem_needs_an_lc_tokenizer(tmp_path):
                                   "mesh.data": 1})
     with pytest.raises(ValueError, match="frozen codebook"):
         train.run(c, str(tmp_path / "cls"))
+
+
+def test_paper_config_is_maes_vit_b_recipe():
+    """configs/classifier_lc_imagenet.py: MAE's ViT-B fine-tuning numbers, and ViT-B/16's
+    parameter count (timm's vit_base_patch16_224: 86,567,656, plus 60 position rows of 768 at
+    256 px) for the `pixels` stem on an f16 256 px tokenizer."""
+    from types import SimpleNamespace
+    from vqlc.configs import classifier_lc_imagenet
+    c = classifier_lc_imagenet.get_config()
+    assert train.learning_rate(c) == pytest.approx(2e-3)
+    assert (c.optim.layer_decay, c.optim.weight_decay, c.network.drop_path) == (0.65, 0.05, 0.1)
+    assert (c.optim.warmup_steps, c.train.num_steps) == (6255, 125100)
+    assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.mixup.label_smoothing) == (0.8, 1.0, 0.1)
+    tok = SimpleNamespace(image_size=256, downsample_factor=16, latent_dim=8,
+                          codebook_size=100_000, model=None,
+                          config=SimpleNamespace(quantizer=SimpleNamespace(kind="lc"),
+                                                 codebook=SimpleNamespace(feature_dim=768)))
+    c.network.stem = "pixels"
+    model = train.make_model(c, tok).vit
+    count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(vit.param_shapes(model)))
+    assert model.grid_size == 16 and count == 86_567_656 + 60 * 768

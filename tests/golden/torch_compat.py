@@ -22,7 +22,8 @@ def import_torchvision():
     except RuntimeError as e:
         if "torchvision::" not in str(e):
             raise
-        print(f"torchvision C ops unavailable ({e}); declaring op schemas and retrying")
+        print(f"torchvision C ops unavailable ({e}); declaring op schemas and retrying",
+              file=sys.stderr)  # stderr: benchmark workers answer on stdout
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
     global _TV_SHIM_LIB  # keep the library alive, or the definitions are dropped

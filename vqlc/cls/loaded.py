@@ -44,7 +44,7 @@ class Classifier:
         if mesh is None:
             mesh = tokenizer.mesh if tokenizer is not None else parallel.make_mesh(1)
         if tokenizer is None:
-            tokenizer = gen_loaded.find_tokenizer(record, workdir, mesh)
+            tokenizer = gen_loaded.find_tokenizer(record, workdir, mesh, "classifier")
         elif tokenizer.mesh != mesh:
             raise ValueError("The tokenizer was loaded on another mesh: load it with the "
                              "classifier's mesh (Tokenizer.load(..., mesh=mesh)).")

@@ -15,7 +15,8 @@ it): ViT-Ti (4 blocks, width 128, 4 heads) over the 8 x 8 token map (`pixels`: t
 image in 4 px patches, the same grid), mixup 0.8 / cutmix 1.0 on the map, label smoothing 0.1,
 drop path 0.1, AdamW with weight decay 0.05 and a cosine schedule. Two settings differ from
 MAE's because nothing here is pretrained: no layer-wise decay (1.0: MAE's 0.65 protects
-pretrained lower blocks) and a higher base lr (4e-3 x 64 / 256 = 1e-3).
+pretrained lower blocks) and a higher base lr (8e-3 x 32 / 256 = 1e-3), at batch 32 for
+1,000 steps.
 `:tiny` is the seconds-long version the tests run (a tests/tiny_tokenizer.py tokenizer).
 """
 from vqlc import config_base
@@ -45,11 +46,11 @@ def get_config(arg: str = ""):
     c.network.size = "Ti/4"
     c.network.stem = "projected"
     c.network.num_classes = 7
-    c.optim.blr = 4e-3
+    c.optim.blr = 8e-3
     c.optim.layer_decay = 1.0
     c.optim.warmup_steps = 100
-    c.train.batch_size = 64
-    c.train.num_steps = 1500
+    c.train.batch_size = 32
+    c.train.num_steps = 1000
     c.train.log_every = 100
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 1

@@ -41,18 +41,20 @@ def read_record(workdir: str) -> dict:
     return storage.read_json(path)
 
 
-def find_tokenizer(record: dict, workdir: str, mesh) -> tokenizer_lib.Tokenizer:
-    """The tokenizer a generator's record names, at the recorded step."""
+def find_tokenizer(record: dict, workdir: str, mesh,
+                   what: str = "generator") -> tokenizer_lib.Tokenizer:
+    """The tokenizer a run's record (a generator's, or a classifier's) names, at the recorded
+    step."""
     recorded = record.get("tokenizer") or {}
     path = recorded.get("workdir")
     if not path:
-        raise FileNotFoundError(f"The generator in {workdir!r} does not record its tokenizer's "
+        raise FileNotFoundError(f"The {what} in {workdir!r} does not record its tokenizer's "
                                 "workdir: pass tokenizer=Tokenizer.load(...).")
     try:
         return tokenizer_lib.Tokenizer.load(path, recorded.get("step"), mesh=mesh)
     except FileNotFoundError as e:
         raise FileNotFoundError(
-            f"The generator in {workdir!r} was trained on the tokenizer in {path!r} (step "
+            f"The {what} in {workdir!r} was trained on the tokenizer in {path!r} (step "
             f"{recorded.get('step')}), which cannot be read: {e} Pass "
             "tokenizer=Tokenizer.load(...) if it has moved.") from e
 
