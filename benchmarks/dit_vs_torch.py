@@ -80,7 +80,7 @@ from vqlc.gen import convert_dit, diffusion_train, trainer  # noqa: E402
 from vqlc.gen.networks import dit  # noqa: E402
 from vqlc.gen.objectives import diffusion  # noqa: E402
 from vqlc.gen.samplers import ddpm, ode  # noqa: E402
-from torch_worker_client import TorchWorker  # noqa: E402
+from torch_worker_client import TorchWorker, machine_line  # noqa: E402
 
 TORCH_VENV = "/work/venv-torch/bin/python"
 SIZE = "S/2"
@@ -300,13 +300,6 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def machine(worker) -> str:
-    return (f"CPU: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), load "
-            f"{os.getloadavg()[0]:.2f}; torch {worker.hello['torch']} with "
-            f"{worker.hello['threads']} threads; jax {jax.__version__} on "
-            f"{jax.devices()[0].platform} ({jax.device_count()} device), float32")
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -367,7 +360,7 @@ def main():
         if not args.no_dopri5:
             log("sample dopri5")
             rows.append(bench_dopri5(worker, sampler, args.sample_batch, args.repeats))
-        print("\n" + machine(worker))
+        print("\n" + machine_line(worker))
     finally:
         worker.close()
     print(table(rows))

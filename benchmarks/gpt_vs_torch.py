@@ -57,7 +57,7 @@ from vqlc import parallel  # noqa: E402
 from vqlc.configs import gpt_demo  # noqa: E402
 from vqlc.gen import gpt_train, trainer  # noqa: E402
 from vqlc.gen.samplers import autoregressive as ar  # noqa: E402
-from torch_worker_client import TorchWorker  # noqa: E402
+from torch_worker_client import TorchWorker, machine_line  # noqa: E402
 
 TORCH_VENV = "/work/venv-torch/bin/python"
 SIZES = {
@@ -245,13 +245,6 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def machine(worker) -> str:
-    return (f"CPU: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), load "
-            f"{os.getloadavg()[0]:.2f}; torch {worker.hello['torch']} with "
-            f"{worker.hello['threads']} threads; jax {jax.__version__} on "
-            f"{jax.devices()[0].platform} ({jax.device_count()} device), float32")
-
-
 def per_size(text: str, sizes: list, flag: str) -> list:
     """One value per size: one value for all, one per size, or the default's value by name."""
     values = [int(v) for v in text.split(",")]
@@ -294,7 +287,7 @@ def main():
     try:
         rows = [row for i, name in enumerate(args.sizes) for row in bench_size(args, worker,
                                                                               name, i)]
-        print("\n" + machine(worker))
+        print("\n" + machine_line(worker))
     finally:
         worker.close()
     print(table(rows))

@@ -51,3 +51,12 @@ class TorchWorker:
             self.proc.stdin.flush()
             self.proc.wait()
         self.log.close()
+
+
+def machine_line(worker, torch_extra: str = "", jax_dtype: str = "float32") -> str:
+    """The table's header line: this CPU and its load, the torch worker's and JAX's versions."""
+    import jax
+    return (f"CPU: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), load "
+            f"{os.getloadavg()[0]:.2f}; torch {worker.hello['torch']}{torch_extra} with "
+            f"{worker.hello['threads']} threads; jax {jax.__version__} on "
+            f"{jax.devices()[0].platform} ({jax.device_count()} device), {jax_dtype}")

@@ -57,7 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 from vqlc import parallel  # noqa: E402
 from vqlc.cls import recipe, vit  # noqa: E402
 from vqlc.gen import trainer  # noqa: E402
-from torch_worker_client import TorchWorker  # noqa: E402
+from torch_worker_client import TorchWorker, machine_line  # noqa: E402
 
 TORCH_VENV = "/work/venv-torch/bin/python"
 NUM_CLASSES = 1000
@@ -202,14 +202,6 @@ def table(args, params: int, r: dict) -> str:
         f"{r['rss'][1]:.0f} MiB | {note} |"])
 
 
-def machine(args, worker) -> str:
-    return (f"CPU: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} used), load "
-            f"{os.getloadavg()[0]:.2f}; torch {worker.hello['torch']} (timm "
-            f"{worker.hello['timm']}) with {worker.hello['threads']} threads; jax "
-            f"{jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device), "
-            f"vqlc {args.dtype}")
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -253,7 +245,7 @@ def main():
     try:
         net = build(args, worker)
         result = bench(args, worker, net)
-        print("\n" + machine(args, worker))
+        print("\n" + machine_line(worker, f" (timm {worker.hello['timm']})", args.dtype))
     finally:
         worker.close()
     print(table(args, net.num_params(), result))

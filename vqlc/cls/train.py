@@ -188,14 +188,6 @@ def make_train_step(clf: inputs.TokenClassifier, tx, config):
     return trainer.make_train_step(loss_fn, tx, 0.0)
 
 
-def _check_labels(images: token_data.ImageCopies, num_classes: int) -> None:
-    labels = images.rows.column("labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{images.rows.workdir}: labels span [{labels.min()}, {labels.max()}] "
-                         f"but network.num_classes={num_classes}; set it to at least "
-                         f"{labels.max() + 1}.")
-
-
 def record(config, tokenizer, clf: inputs.TokenClassifier, tokens: str, eval_tokens: str) -> dict:
     return {"format": 1, "kind": "classifier", "network": config.network.to_dict(),
             "tokenizer": tokenizer.identity(), "codebook_size": int(tokenizer.codebook_size),
@@ -249,10 +241,10 @@ def run(config, workdir: str) -> dict:
             config.data.eval_tokens, config.data.eval_encode,
             tokenizer_workdir=config.tokenizer.workdir, mesh_data=config.mesh.data,
             directory=rundir.join(workdir, "eval_tokens"))
-        _check_labels(token_data.ImageCopies(eval_tokens, expect_tokenizer=tok),
+        token_data.check_labels(token_data.ImageCopies(eval_tokens, expect_tokenizer=tok),
                       config.network.num_classes)
     images = token_data.ImageCopies(tokens, expect_tokenizer=tok)
-    _check_labels(images, config.network.num_classes)
+    token_data.check_labels(images, config.network.num_classes)
     train_it = token_data.make_token_iterator(
         images, batch_size=parallel.local_batch_size(config.train.batch_size), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count())

@@ -228,7 +228,7 @@ def training_data(config, workdir: str, tok, local_batch: int):
 
     images = token_data.ImageCopies(latents_workdir(config, workdir), expect_tokenizer=tok,
                                     field="latents")
-    _check_labels(images, num_classes)
+    token_data.check_labels(images, num_classes)
     shape = images.copy(0, 0)["latents"].shape
     it = token_data.make_token_iterator(images, batch_size=local_batch, seed=config.seed,
                                         **shard)
@@ -238,14 +238,6 @@ def training_data(config, workdir: str, tok, local_batch: int):
         return np.stack([images.copy(int(i), 0)["latents"] for i in picks])
     stats = latent_stats(config, measured)
     return it, shape, rundir.absolute(images.rows.workdir), len(images), stats
-
-
-def _check_labels(images: token_data.ImageCopies, num_classes: int) -> None:
-    labels = images.rows.column("labels")
-    if num_classes and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{images.rows.workdir}: labels span [{labels.min()}, {labels.max()}] "
-                         f"but network.num_classes={num_classes}; set it to at least "
-                         f"{labels.max() + 1}.")
 
 
 def latents_workdir(config, workdir: str) -> str:

@@ -170,16 +170,6 @@ def generator_record(config, tokenizer, num_codes: int, grid: tuple, images: int
             "ema": bool(config.optim.ema_decay)}
 
 
-def _check_labels(images: token_data.ImageCopies, num_classes: int) -> None:
-    labels = images.rows.column("labels")
-    if num_classes == 0:
-        return
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{images.rows.workdir}: labels span [{labels.min()}, {labels.max()}] "
-                         f"but network.num_classes={num_classes}; set it to at least "
-                         f"{labels.max() + 1}.")
-
-
 def run(config, workdir: str) -> dict:
     """vqlc.main's `gpt` task."""
     from vqlc.tokenizer import Tokenizer
@@ -201,7 +191,7 @@ def run(config, workdir: str) -> dict:
             seed=config.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
     else:
         images = token_data.ImageCopies(tokens_workdir(config, workdir), expect_tokenizer=tok)
-        _check_labels(images, config.network.num_classes)
+        token_data.check_labels(images, config.network.num_classes)
         grid = images.copy(0, 0)["codes"].shape
         tokens, num_images = rundir.absolute(images.rows.workdir), len(images)
         train_it = token_data.make_token_iterator(

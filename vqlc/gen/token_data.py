@@ -62,6 +62,16 @@ class ImageCopies:
         return {self.field: row[self.field], "label": row["label"]}
 
 
+def check_labels(images: ImageCopies, num_classes: int) -> None:
+    """Refuses a dataset whose labels do not fit network.num_classes (0: unconditional, any
+    labels)."""
+    labels = images.rows.column("labels")
+    if num_classes and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{images.rows.workdir}: labels span [{labels.min()}, {labels.max()}] "
+                         f"but network.num_classes={num_classes}; set it to at least "
+                         f"{labels.max() + 1}.")
+
+
 class _RandomCopy(grain.transforms.RandomMap):
     def __init__(self, images: ImageCopies):
         self.images = images
