@@ -490,6 +490,22 @@ def _walk(obj: Any, prefix: str, seen: set) -> Iterator[Tuple[str, np.ndarray]]:
 TORCH_LAYOUTS = ("linear", "conv", None)
 
 
+def key_mismatch(missing, unexpected, misshaped, missing_ema=()) -> str:
+    """The converters' one wording of a checkpoint that does not fit a model ('' when it fits):
+    missing (model parameters with no key), missing EMA copies, unexpected keys (sorted),
+    shapes that disagree."""
+    problems = []
+    if missing:
+        problems.append(f"missing (vqlc parameters with no checkpoint key): {list(missing)}")
+    if missing_ema:
+        problems.append(f"missing EMA copies (--weights=ema): {list(missing_ema)}")
+    if unexpected:
+        problems.append(f"unexpected checkpoint keys: {sorted(unexpected)}")
+    if misshaped:
+        problems.append(f"shapes that disagree: {list(misshaped)}")
+    return "; ".join(problems)
+
+
 def to_flax_layout(array: np.ndarray, layout: Optional[str]) -> np.ndarray:
     """A torch weight in Flax's layout: "linear" [out, in] -> [in, out]; "conv" [out, in, kh,
     kw] -> [kh, kw, in, out]; None as it is (biases, norms, embeddings)."""

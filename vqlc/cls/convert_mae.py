@@ -208,14 +208,8 @@ def mae_to_params(state_dict: Mapping[str, object], model, seed: int = 0):
         mapped = {p: v for p, v in mapped.items() if p[0] != "head"}
     missing = ["/".join(p) for p in fresh if p not in mapped and not _may_be_fresh(p, model)]
     if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing (vqlc parameters with no checkpoint key): {missing}")
-        if unexpected:
-            problems.append(f"unexpected checkpoint keys: {sorted(unexpected)}")
-        if misshaped:
-            problems.append(f"shapes that disagree: {misshaped}")
-        raise ValueError("The MAE checkpoint does not fit the ViT: " + "; ".join(problems)
+        raise ValueError("The MAE checkpoint does not fit the ViT: "
+                         + torch_files.key_mismatch(missing, unexpected, misshaped)
                          + "\n" + _describe(state_dict, model))
 
     fresh_tree = jax.device_get(vit.init_params(model, jax.random.key(seed)))

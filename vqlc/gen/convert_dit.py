@@ -268,14 +268,8 @@ def release_to_params(state_dict: Mapping[str, object], model) -> dict:
         mapped[path] = (key, layout)
     missing = ["/".join(p) for p in expected if p not in mapped]
     if unexpected or missing or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing (vqlc parameters with no checkpoint key): {missing}")
-        if unexpected:
-            problems.append(f"unexpected checkpoint keys: {sorted(unexpected)}")
-        if misshaped:
-            problems.append(f"shapes that disagree: {misshaped}")
-        raise ValueError("The DiT checkpoint does not match the config: " + "; ".join(problems)
+        raise ValueError("The DiT checkpoint does not match the config: "
+                         + torch_files.key_mismatch(missing, unexpected, misshaped)
                          + "\n" + _describe(checkpoint_geometry(state_dict)) + " "
                          + _wants(model))
     check_pos_embed(state_dict, model)

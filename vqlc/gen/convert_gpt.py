@@ -165,18 +165,12 @@ def release_to_params(gpt: Mapping[str, np.ndarray], model) -> dict:
 
 
 def _mismatch_message(model, gpt, unexpected, missing, misshaped) -> str:
-    problems = []
-    if missing:
-        problems.append(f"missing (vqlc parameters with no checkpoint key): {missing}")
-    if unexpected:
-        problems.append(f"unexpected checkpoint keys: {[GPT_PREFIX + k for k in unexpected]}")
-    if misshaped:
-        problems.append(f"shapes that disagree: {misshaped}")
+    problems = torch_files.key_mismatch(missing, [GPT_PREFIX + k for k in unexpected], misshaped)
     wants = (f"The config asks for network.num_layers={model.num_layers}, "
              f"network.width={model.width}, vocab {model.vocab_size} (codebook_size "
              f"{model.codebook_size} + {model.num_condition_ids} class ids), block_size "
              f"{model.block_size} (1 + the tokenizer's {model.num_codes} codes).")
-    return ("The GPT checkpoint does not match the config: " + "; ".join(problems) + "\n"
+    return ("The GPT checkpoint does not match the config: " + problems + "\n"
             + checkpoint_geometry(gpt) + " " + wants)
 
 

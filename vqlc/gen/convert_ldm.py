@@ -411,16 +411,8 @@ def release_to_params(parts: Mapping, model, *, ema: bool = True) -> dict:
         unexpected += sorted(set(ema_part) - used_ema)
     missing = ["/".join(p) for p in expected if p not in sources]
     if unexpected or missing or misshaped or no_ema:
-        problems = []
-        if missing:
-            problems.append(f"missing (vqlc parameters with no checkpoint key): {missing}")
-        if no_ema:
-            problems.append(f"missing EMA copies (--weights=ema): {no_ema}")
-        if unexpected:
-            problems.append(f"unexpected checkpoint keys: {sorted(unexpected)}")
-        if misshaped:
-            problems.append(f"shapes that disagree: {misshaped}")
-        raise ValueError("The LDM checkpoint does not match the config: " + "; ".join(problems)
+        raise ValueError("The LDM checkpoint does not match the config: "
+                         + torch_files.key_mismatch(missing, unexpected, misshaped, no_ema)
                          + "\n" + checkpoint_geometry(unet, cond) + " " + _wants(model))
     params = {}
     for target, (source, layout) in sources.items():
