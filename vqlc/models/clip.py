@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlc.models import activations
+
 Array = jax.Array
 Params = Dict[str, Any]
 
@@ -87,7 +89,7 @@ def _quick_gelu(x):
 # HF ``hidden_act`` names -> activation. "gelu" in HF/PyTorch is the exact erf form.
 _ACTIVATIONS: Dict[str, Callable] = {
     "quick_gelu": _quick_gelu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": activations.gelu_exact,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlc.models import activations
 from vqlc.models.build import COMPUTE_DTYPES
 
 FREQUENCY_EMBEDDING_SIZE = 256  # DiT's TimestepEmbedder default
@@ -203,7 +204,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = linear(self.hidden_features, "fc1", self.dtype, self.kernel_init)(x)
-        h = jax.nn.gelu(h, approximate=self.approximate_gelu)
+        h = activations.gelu(h, self.approximate_gelu)
         return linear(x.shape[-1], "fc2", self.dtype, self.kernel_init)(h)
 
 

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlc.models import activations
 from vqlc.models.build import COMPUTE_DTYPES
 
 # The condition (class or start token) is one token, as in the release and LlamaGen's c2i.
@@ -192,7 +193,7 @@ class MinGPTMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        h = jax.nn.gelu(dense(4 * width, "fc", self.dtype, use_bias=True)(x), approximate=False)
+        h = activations.gelu_exact(dense(4 * width, "fc", self.dtype, use_bias=True)(x))
         return dense(width, "proj", self.dtype, use_bias=True)(h)
 
 

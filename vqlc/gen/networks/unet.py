@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlc.gen.networks.dit import timestep_embedding
+from vqlc.models import activations
 from vqlc.models.build import COMPUTE_DTYPES
 
 GROUPS = 32  # openaimodel's normalization(): GroupNorm32(32, channels)
@@ -191,7 +192,7 @@ class GEGLU(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h, gate = jnp.split(linear(2 * self.features, x.shape[-1], "proj", self.dtype)(x), 2,
                             axis=-1)
-        return h * jax.nn.gelu(gate, approximate=False)
+        return h * activations.gelu_exact(gate)
 
 
 class FeedForward(nn.Module):
