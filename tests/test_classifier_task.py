@@ -1,8 +1,11 @@
 """The `classifier` task on a tiny tokenizer's token maps: every stem trains and is evaluated, the
 loss goes down, a resumed run equals an uninterrupted one bit for bit, Classifier.load predicts
-what the evaluation scored, MAE weights enter through init.mae, and bad settings fail first."""
+what the evaluation scored, MAE weights enter a fresh run (not a resumed one) through init.mae,
+and bad settings fail first."""
 import json
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -158,6 +161,20 @@ def test_mae_weights_enter_through_init_mae(dirs):
     assert "blocks.1.attn.qkv.weight" in report["loaded"]
     for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_resumed_run_neither_reads_nor_needs_init_mae(dirs, trained, tmp_path, caplog):
+    """init.mae enters a fresh run only: resuming (a copy of the trained run, at its last
+    step) with an init.mae that does not exist restores the checkpoint without converting,
+    reading or even checking the MAE file."""
+    workdir = str(tmp_path / "cls")
+    shutil.copytree(trained[0], workdir)
+    caplog.set_level(logging.INFO)
+    results = train.run(_config(dirs, **{"network.drop_path": 0.0, "eval.at_end": False,
+                                         "init.mae": str(tmp_path / "moved.pth")}), workdir)
+    assert results["step"] == trained[1]["step"]
+    assert "MAE weights (init.mae=" in caplog.text and "skipped: resuming" in caplog.text
+    assert checkpoint.latest_step(str(tmp_path / "fresh")) is None
 
 
 def test_bad_settings_fail_before_any_work(dirs, tmp_path):

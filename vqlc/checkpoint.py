@@ -128,6 +128,18 @@ def check_matches(manager: ocp.CheckpointManager, step: int, target) -> None:
             f"{'; '.join(diffs[:3])}). Use a new --workdir, or the settings that run used.")
 
 
+def latest_step(workdir: str) -> int | None:
+    """The step a run in `workdir` resumes from (as restore_latest sees it), None for a fresh
+    run. Reads only: nothing is created or cleaned, so it may run before settings are checked."""
+    manager = ocp.CheckpointManager(
+        rundir.checkpoints(workdir), item_names=(STATE, DATA),
+        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 def completed_steps(checkpoint_dir: str) -> list[int]:
     """Steps with a complete save in `checkpoint_dir` (orbax renames a save's directory to its
     bare step number only when it is complete), oldest first; reads only."""

@@ -14,7 +14,7 @@ Model: `network.size` ("B/16": MAE's ViT-B; "Ti/<patch>" a CPU toy), `network.st
 map enters: see vqlc.cls.inputs), global pooling + fc_norm + head, drop path. `init.mae`: an MAE
 checkpoint (mae_pretrain_vit_base.pth) converted at the start of a fresh run
 (vqlc.cls.convert_mae: strict, the position table interpolated to the grid); "" trains from
-timm's init.
+timm's init. A run that resumes from a checkpoint in its workdir neither reads nor needs it.
 
 Optimiser: AdamW with layer-wise lr decay (`optim.layer_decay`), weight decay on matrices,
 lr = optim.blr x train.batch_size / 256, linear warm-up then half-cycle cosine to optim.min_lr
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqlc import atomic_io, config_io, parallel, rundir, storage
+from vqlc import atomic_io, checkpoint, config_io, parallel, rundir, storage
 from vqlc.cls import inputs, recipe, vit as vit_lib
 from vqlc.gen import token_data, trainer
 from vqlc.train import loop, reporting
@@ -110,8 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def check_config(config) -> None:
-    """Settings that cannot work fail here, before anything is read or compiled."""
+def check_config(config, *, resuming: bool = False) -> None:
+    """Settings that cannot work fail here, before anything is read or compiled. `resuming`:
+    the workdir has a checkpoint, so init.mae is not read (and need not exist)."""
     n = config.network
     if not config.tokenizer.workdir:
         raise ValueError("config.tokenizer.workdir is empty: set it to the tokenizer whose "
@@ -135,7 +136,7 @@ def check_config(config) -> None:
     loop.Cadence.from_config(config.train)
     if config.eval.batch_size < 1:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} must be >= 1.")
-    if config.init.mae and not storage.exists(config.init.mae):
+    if config.init.mae and not resuming and not storage.exists(config.init.mae):
         raise FileNotFoundError(f"init.mae={config.init.mae!r} not found: give the path of "
                                 "MAE's mae_pretrain_vit_base.pth (or '' to train from scratch).")
 
@@ -203,13 +204,19 @@ def read_record(workdir: str) -> dict:
     return storage.read_json(path)
 
 
-def initial_state(clf, tx, config, mesh) -> trainer.TrainState:
-    """timm's initialisation, or MAE's weights (init.mae) where the checkpoint has them."""
+def initial_state(clf, tx, config, mesh, *, resume_from: int | None = None
+                  ) -> trainer.TrainState:
+    """timm's initialisation, or MAE's weights (init.mae) where the checkpoint has them.
+    `resume_from`: the step of the checkpoint that will replace this state
+    (checkpoint.latest_step); MAE's checkpoint is then neither converted nor read."""
     model = clf.vit
     state = trainer.init_state(lambda key: vit_lib.init_params(model, key), tx,
                                seed=config.seed, ema=False, mesh=mesh,
                                shard_params=config.mesh.shard_params)
-    if config.init.mae:
+    if config.init.mae and resume_from is not None:
+        logging.info("classifier: MAE weights (init.mae=%s) skipped: resuming from the "
+                     "checkpoint at step %d", config.init.mae, resume_from)
+    elif config.init.mae:
         from vqlc.cls import convert_mae
         params, report = convert_mae.convert_mae_file(config.init.mae, model, seed=config.seed)
         logging.info("classifier: MAE weights from %s: %d tensors loaded, fresh: %s, skipped: "
@@ -223,8 +230,9 @@ def initial_state(clf, tx, config, mesh) -> trainer.TrainState:
 def run(config, workdir: str) -> dict:
     """vqlc.main's `classifier` task."""
     from vqlc.tokenizer import Tokenizer
-    check_config(config)
     workdir = rundir.absolute(workdir)
+    resume_from = checkpoint.latest_step(workdir)
+    check_config(config, resuming=resume_from is not None)
     config_io.check_compatible(config, workdir)
     mesh = parallel.make_mesh(config.mesh.data)
     parallel.check_batch_size(config.train.batch_size, mesh)
@@ -266,7 +274,7 @@ def run(config, workdir: str) -> dict:
     logging.info("classifier: ViT-%s, stem %s, %d x %d tokens, %.2fM parameters, %d training "
                  "images from %s, lr %.3g", config.network.size, clf.stem, clf.vit.grid_size,
                  clf.vit.grid_size, parameters / 1e6, len(images), tokens, learning_rate(config))
-    state = initial_state(clf, tx, config, mesh)
+    state = initial_state(clf, tx, config, mesh, resume_from=resume_from)
     tables = clf.tables(tok)
     state, step, stopped = trainer.fit(
         config, workdir, state=state, train_step=make_train_step(clf, tx, config),
