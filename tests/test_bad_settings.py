@@ -39,7 +39,7 @@ CASES = {  # name -> (extra flags, what the error must say); {root} is the test'
                      "train.batch_size=7 must be divisible by the 2 devices"),
     "eval_batch": (["--config.eval.batch_size=9"],
                    "eval.batch_size=9 must be divisible by the 2 devices"),
-    "mesh_too_big": (["--config.mesh.data=3"], "mesh.data=3 but 2 devices are available"),
+    "mesh_too_big": (["--config.mesh.data=3"], "mesh.data=3 x mesh.model=1 devices asked for, but 2 are available"),
     # Existing workdirs (made by the fixture):
     "other_config": (["--workdir={root}/other_run"],
                      "holds a run with a different config (quantizer differ"),

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import train_steps
 from vqlc.configs import default as default_config
 from vqlc import parallel
 from vqlc.train import trainer
@@ -33,24 +34,14 @@ def test_param_sharding_picks_a_divisible_dimension():
 
 def test_sharded_training_equals_replicated_with_a_quarter_of_the_state(tmp_path):
     from vqlc.data import make_train_iterator
-    from vqlc.models import lpips as lpips_lib
-    from vqlc.train.step import make_train_step
     batch = next(make_train_iterator(_config().data, batch_size=8, seed=0))
     mesh = parallel.make_mesh(4)
     out = {}
     for shard in (False, True):
         config = _config(**{"mesh.shard_params": shard})
-        model, disc, g_tx, d_tx, state, frozen = trainer.setup_model(
-            config, str(tmp_path / "w"), mesh)
+        state, metrics, _ = train_steps.run_steps(config, mesh, batch, str(tmp_path / "w"))
         out[shard, "bytes"] = sum(_bytes_on_device(getattr(state, f), mesh.devices.flat[0])
                                   for f in SHARDED_FIELDS)
-        sharding = jax.tree.map(lambda x: x.sharding, state)
-        step = jax.jit(make_train_step(model, disc, g_tx, d_tx, config.loss,
-                                       lambda p, x, y: lpips_lib.lpips(x, y, params=p)),
-                       out_shardings=(sharding, parallel.replicated(mesh)))
-        lp = jax.device_put(lpips_lib.load_vgg16_lpips_params(), parallel.replicated(mesh))
-        for _ in range(2):
-            state, metrics = step(state, parallel.global_batch(batch, mesh), frozen, lp)
         out[shard] = (jax.device_get(state.g_params), float(metrics["loss"]), state)
     sharded_state = out[True][2]
     specs = [x.sharding.spec for x in jax.tree.leaves(sharded_state.g_params)]

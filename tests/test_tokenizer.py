@@ -53,6 +53,12 @@ def test_mesh_of_four_devices_gives_the_codes_of_one(workdir, images):
     np.testing.assert_allclose(four.encode_latents(images), one.encode_latents(images),
                                atol=1e-5)
     assert len(np.unique(codes)) > 1  # not a degenerate map
+    # The LC codebook split over a model axis of 2: each device holds half of it.
+    split = Tokenizer.load(workdir, mesh=parallel.make_mesh(2, model=2))
+    codebook = split.frozen_codebook()
+    assert {s.data.shape[0] for s in codebook.addressable_shards} == {codebook.shape[0] // 2}
+    np.testing.assert_array_equal(split.encode(images), codes)
+    np.testing.assert_array_equal(split.decode(codes), one.decode(codes))
 
 
 def test_pure_functions_match_and_compose_inside_a_jit(workdir, images):

@@ -112,7 +112,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.rfid_raw_reference = True
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the data axis; -1 = all
+    c.mesh.data = -1  # devices on the data axis; -1 = all (that the model axis leaves)
+    # Devices the frozen LC codebook is split over along K (vqlc.parallel): each holds K / model
+    # codes; for codebooks too large to replicate (1,000,000 codes x 768 features = 3 GB).
+    c.mesh.model = 1
     # FSDP: split parameters and optimiser states over the data axis (for models whose state
     # does not fit one device replicated); numerics equal the replicated run's.
     c.mesh.shard_params = False

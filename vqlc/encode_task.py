@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all (of every process)
+    c.mesh.model = 1  # devices an LC codebook is split over along K (vqlc.parallel)
     return c
 
 
@@ -254,7 +255,8 @@ def run(config, workdir: str) -> dict:
     e = config.encode
     step = None if config.tokenizer.step < 0 else int(config.tokenizer.step)
     tok = Tokenizer.load(config.tokenizer.workdir, step,
-                         mesh=parallel.make_mesh(config.mesh.data))
+                         mesh=parallel.make_mesh(config.mesh.data,
+                                                 model=config.mesh.get("model", 1)))
     data = data_config(config, tok.image_size)
     source = pipeline.make_source(data, e.split)
     num_images = len(source) if not e.max_images else min(len(source), int(e.max_images))

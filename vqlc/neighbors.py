@@ -1,7 +1,10 @@
 """Nearest-neighbour searches, tiled so that no N x K (or N x N) distance matrix is ever held.
 
 - `nearest_code` / `nearest_code_in_place`: index of the nearest code for each row (quantizers,
-  k-means), scanning K in tiles with a running (min, index).
+  k-means), scanning K in tiles with a running (min, index). Under a context mesh
+  (`jax.set_mesh`) with a `model` axis, the codes are split along K over that axis: each device
+  searches its slice and the (distance, index) minima are reduced across the axis.
+- `take_rows`: table[indices], with the table split along its rows over the `model` axis.
 - `nth_nearest_codes`: ids of each row's n-th nearest codes (token replacement figure).
 - `kth_nearest_distances`: distance from each row to its k-th nearest reference point (the k-NN
   radius of precision/recall), scanning the references in tiles with a running top-k.
@@ -30,6 +33,9 @@ MAX_RANK = 1000
 # Padded codes get this (finite) squared norm so they never win. +inf would also never win on CPU, but
 # a HIGHEST-precision matmul on TPU splits operands into bf16 pieces and inf - inf makes NaN there.
 _PAD_NORM = float(jnp.finfo(jnp.float32).max)
+
+# The mesh axis a codebook is split over along K (vqlc.parallel.MODEL_AXIS names the same axis).
+CODEBOOK_AXIS = "model"
 
 
 def _default_tiles() -> Tuple[int, int]:
@@ -103,6 +109,9 @@ def nearest_code(z: Array, codes: Array, *, tile_n: Optional[int] = None,
     # Distances are translation invariant; centring on the codes' mean keeps |c|^2 and z.c small, so
     # the float32 cancellation in |c|^2 - 2 z.c stays small when data sit far from the origin.
     centre = jnp.mean(codes, axis=0)
+    if codebook_shards() > 1:
+        return _nearest_code_split(z - centre, codes, centre, tile_n=tile_n, tile_k=tile_k,
+                                   precision=precision)
     z, codes = z - centre, codes - centre
     mesh, row_axes = _explicit_row_sharding(z)
     codes = _replicate_explicit(codes)
@@ -116,6 +125,113 @@ def nearest_code(z: Array, codes: Array, *, tile_n: Optional[int] = None,
         # Rows that do not split evenly: gather them (rare; correct, not communication-free).
         z = _replicate_explicit(z)
     return _nearest_code_local(z, codes, tile_n=tile_n, tile_k=tile_k, precision=precision)
+
+
+def codebook_shards() -> int:
+    """How many ways the context mesh (`jax.set_mesh`) splits a codebook along K: the size of its
+    `model` axis, 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or CODEBOOK_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[CODEBOOK_AXIS])
+
+
+def _row_spec(n: int) -> Tuple[P, bool]:
+    """(spec, rows split over `model` too) for n rows under the context mesh: split over every
+    axis (as batches are, vqlc.parallel.batch_sharded) where that divides n; else over the axes
+    other than `model` (each `model` group of devices then holds the same rows); else whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    every = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    others = tuple(a for a in every if a != CODEBOOK_AXIS)
+    for axes in (every, others):
+        if axes and n % math.prod(mesh.shape[a] for a in axes) == 0:
+            return P(axes if len(axes) > 1 else axes[0]), CODEBOOK_AXIS in axes
+    return P(), False
+
+
+def _nearest_code_split(z: Array, codes: Array, centre: Array, *, tile_n: int, tile_k: int,
+                        precision) -> Array:
+    """nearest_code with the codes split along K over the `model` axis of the context mesh.
+
+    Each device searches its slice of K (a K / shards slice of the codes is all it holds) and
+    the minima are reduced across the axis (nearest_code_across). Rows split over `model` as well (a batch over every device) are first
+    gathered within each `model` group, which then searches them together, and each device keeps
+    its own. When K does not divide evenly, the codes are padded with copies of code 0, which
+    lose every tie to it (their indices are larger), so padding never wins.
+    """
+    shards = codebook_shards()
+    k, d = codes.shape
+    pad = -k % shards
+    if pad:
+        codes = jnp.concatenate([codes, jnp.broadcast_to(codes[:1], (pad, d))], axis=0)
+    rows, rows_over_model = _row_spec(z.shape[0])
+
+    def local(z, codes, centre):
+        n_own = z.shape[0]
+        if rows_over_model:  # the group's rows: [shards * n_own, D], this device's block at
+            z = lax.all_gather(z, CODEBOOK_AXIS, tiled=True)  # position axis_index
+        idx = nearest_code_across(z, codes - centre, tile_n=tile_n, tile_k=tile_k,
+                                  precision=precision)
+        shard = lax.axis_index(CODEBOOK_AXIS)
+        return lax.dynamic_slice_in_dim(idx, shard * n_own, n_own) if rows_over_model else idx
+
+    # check_vma off: the per-shard scan carries start replicated and become device-varying; no
+    # gradient flows through a search.
+    return jax.shard_map(local, in_specs=(rows, P(CODEBOOK_AXIS, None), P()), out_specs=rows,
+                         check_vma=False)(z, codes, centre)
+
+
+def nearest_code_across(z: Array, codes: Array, *, axis: str = CODEBOOK_AXIS,
+                        tile_n: Optional[int] = None, tile_k: Optional[int] = None,
+                        precision=lax.Precision.HIGHEST) -> Array:
+    """Inside shard_map: the global nearest-code index of each row of z, where every device of
+    `axis` holds the same rows z [N, D] and its own slice `codes` [K / shards, D] of a codebook
+    split along K (slice i = codes i * K/shards ...). z and codes must be centred on the same
+    point (e.g. the whole codebook's mean), so distances compare across devices.
+
+    Each device searches its slice, then two all-reduces over `axis` pick the smallest distance
+    and, among the devices that reach it, the lowest index (the unsplit search's tie rule)."""
+    default_n, default_k = _default_tiles()
+    dist, idx = _nearest_code_local(z, codes, tile_n=tile_n or default_n,
+                                    tile_k=tile_k or default_k, precision=precision,
+                                    with_distance=True)
+    idx = idx + lax.axis_index(axis) * codes.shape[0]
+    best = lax.pmin(dist, axis)
+    return lax.pmin(jnp.where(dist == best, idx, jnp.iinfo(jnp.int32).max), axis)
+
+
+def take_rows(table: Array, indices: Array) -> Array:
+    """table[indices] along rows: [K, ...] and int [...] -> [..., ...], differentiable in table.
+
+    Under a context mesh with a `model` axis of size > 1, the table is taken to be split along K
+    over it (as codebooks are): each device picks the rows it holds (zeros elsewhere) and a sum
+    over the axis completes them, so the whole table is never gathered onto one device (only
+    the indices move).
+    """
+    shards = codebook_shards()
+    if shards == 1:
+        return jnp.take(table, indices, axis=0)
+    k = table.shape[0]
+    if k % shards:
+        raise ValueError(f"take_rows over a codebook split {shards} ways needs K divisible by "
+                         f"{shards}; got K = {k}.")
+    flat = indices.reshape(-1).astype(jnp.int32)
+    rows, rows_over_model = _row_spec(flat.shape[0])
+
+    def local(table, ids):
+        if rows_over_model:  # the ids of the whole `model` group (see _nearest_code_split)
+            ids = lax.all_gather(ids, CODEBOOK_AXIS, tiled=True)
+        ids = ids - lax.axis_index(CODEBOOK_AXIS) * table.shape[0]
+        mine = (ids >= 0) & (ids < table.shape[0])
+        picked = jnp.take(table, jnp.where(mine, ids, 0), axis=0)
+        mask = mine.reshape(mine.shape + (1,) * (picked.ndim - 1))
+        picked = jnp.where(mask, picked, jnp.zeros_like(picked))
+        if rows_over_model:  # sum over the group, each device keeping its own block of rows
+            return lax.psum_scatter(picked, CODEBOOK_AXIS, tiled=True)
+        return lax.psum(picked, CODEBOOK_AXIS)
+
+    out = jax.shard_map(local, in_specs=(P(CODEBOOK_AXIS), rows), out_specs=rows)(table, flat)
+    return out.reshape(indices.shape + table.shape[1:])
 
 
 def _explicit_sharding(x: Array):
@@ -149,7 +265,8 @@ def _replicate_explicit(x: Array) -> Array:
 
 
 def _tile_search(codes: Array, tile_k: int, precision):
-    """search(rows [m, D]) -> nearest code index [m]: a scan over K tiles of the codes."""
+    """search(rows [m, D]) -> (|c|^2 - 2 z.c of the nearest code [m], its index [m]): a scan
+    over K tiles of the codes."""
     k, d = codes.shape
     # Codes augmented with their squared norm, padded to whole tiles: [n_tiles, tile_k, D + 1].
     tile_k = min(tile_k, k)
@@ -181,28 +298,32 @@ def _tile_search(codes: Array, tile_k: int, precision):
 
         # Built from zc so that, under shard_map, the carry has zc's (device-varying) type.
         init = (jnp.full_like(zc[:, 0], jnp.inf), jnp.zeros_like(zc[:, 0], jnp.int32))
-        (_, best_i), _ = lax.scan(step, init, (aug, offsets))
-        return best_i
+        (best_d, best_i), _ = lax.scan(step, init, (aug, offsets))
+        return best_d, best_i
 
     return search
 
 
 def _nearest_code_local(z: Array, codes: Array, *, tile_n: int, tile_k: int,
-                        precision) -> Array:
-    """nearest_code on float32 inputs, tiled over K and (strided) over N."""
+                        precision, with_distance: bool = False):
+    """nearest_code on float32 inputs, tiled over K and (strided) over N; with_distance: also
+    the nearest code's |c|^2 - 2 z.c (a float32 [N])."""
     n, d = z.shape
     if n == 0:
-        return jnp.zeros((0,), jnp.int32)
+        empty = jnp.zeros((0,), jnp.int32)
+        return (empty.astype(jnp.float32), empty) if with_distance else empty
     search = _tile_search(codes, tile_k, precision)
     if n <= tile_n:
-        return search(z)
+        out = search(z)
+        return out if with_distance else out[1]
     n_chunks, rows = _row_chunks(n, tile_n)
     pad_n = n_chunks * rows - n
     if pad_n:  # masked rows: searched like any row, then dropped
         z = jnp.concatenate([z, jnp.zeros((pad_n, d), jnp.float32)], axis=0)
     strided = z.reshape(rows, n_chunks, d).transpose(1, 0, 2)  # chunk j = rows i * n_chunks + j
-    idx = lax.map(search, strided)  # [n_chunks, rows]
-    return idx.T.reshape(-1)[:n]
+    dist, idx = lax.map(search, strided)  # [n_chunks, rows] each
+    unstride = lambda a: a.T.reshape(-1)[:n]
+    return (unstride(dist), unstride(idx)) if with_distance else unstride(idx)
 
 
 def nearest_code_in_place(z: Array, codes: Array, *, tile_n: Optional[int] = None,
@@ -226,16 +347,16 @@ def nearest_code_in_place(z: Array, codes: Array, *, tile_n: Optional[int] = Non
     n = z.shape[0]
     chunk = lambda a: lax.stop_gradient(a).astype(jnp.float32) - centre
     if n <= tile_n:
-        return search(chunk(z))
+        return search(chunk(z))[1]
     full = n // tile_n
 
     def body(j, out):
         rows = lax.dynamic_slice_in_dim(z, j * tile_n, tile_n)
-        return lax.dynamic_update_slice_in_dim(out, search(chunk(rows)), j * tile_n, 0)
+        return lax.dynamic_update_slice_in_dim(out, search(chunk(rows))[1], j * tile_n, 0)
 
     out = lax.fori_loop(0, full, body, jnp.zeros_like(z[:, 0], jnp.int32))
     if n > full * tile_n:
-        out = out.at[full * tile_n:].set(search(chunk(z[full * tile_n:])))
+        out = out.at[full * tile_n:].set(search(chunk(z[full * tile_n:]))[1])
     return out
 
 

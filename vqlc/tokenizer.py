@@ -117,10 +117,11 @@ def inference_shapes(config):
 
 def place_frozen(frozen, codes: np.ndarray, mesh) -> dict:
     """The frozen collections (`frozen`, shapes from inference_shapes) holding the codebook
-    `codes`, replicated on `mesh`: one device copy however many leaves name it."""
+    `codes`, split along K over `mesh`'s model axis (whole on each device when it has size 1):
+    one placement however many leaves name it."""
     if not frozen:
         return {}
-    codes = jax.device_put(codes, parallel.replicated(mesh))
+    codes = jax.device_put(codes, parallel.codebook_sharding(mesh))
     return jax.tree.map(lambda _: codes, frozen)
 
 
@@ -199,8 +200,10 @@ class Tokenizer:
         return {"workdir": self.workdir, "step": self.step, "config_hash": config_hash(self.config)}
 
     def code_vectors(self) -> jax.Array:
-        """float32 [K, dim] on the mesh (replicated): each code id's latent vector."""
-        return jax.jit(code_vectors_fn(self.model))(self.variables)
+        """float32 [K, dim] on the mesh (split along K over its model axis): each code id's
+        latent vector."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(code_vectors_fn(self.model))(self.variables)
 
     def frozen_codebook(self) -> jax.Array:
         """float32 [K, feature_dim]: the LC quantizer's frozen codebook C (its k-means centres,
@@ -230,11 +233,12 @@ class Tokenizer:
     def _run(self, fn, x: np.ndarray) -> np.ndarray:
         """`fn` over this process's rows `x`, padded to fill every local device, on the mesh."""
         n = len(x)
-        per_call = self.mesh.shape[parallel.DATA_AXIS] // jax.process_count()
+        per_call = parallel.batch_devices(self.mesh) // jax.process_count()
         pad = -n % max(per_call, 1)
         if pad:
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        out = fn(self.variables, parallel.global_batch(x, self.mesh))
+        with jax.set_mesh(self.mesh):  # how the codebook is split (see vqlc.parallel)
+            out = fn(self.variables, parallel.global_batch(x, self.mesh))
         return jax.tree.map(lambda o: parallel.local_rows(o)[:n], out)
 
     def _images(self, images) -> np.ndarray:

@@ -88,7 +88,7 @@ class Classifier:
             raise ValueError(f"Code ids must lie in [0, {self.tokenizer.codebook_size}); got "
                              f"[{codes.min()}, {codes.max()}].")
         n = len(codes)
-        devices = self.mesh.shape[parallel.DATA_AXIS]
+        devices = parallel.batch_devices(self.mesh)
         pad = -n % devices
         codes = np.concatenate([codes.astype(np.int32),
                                 np.zeros((pad,) + codes.shape[1:], np.int32)])

@@ -195,7 +195,7 @@ def extract_features(backbone, source, directory: str, *, pool: int = 1, batch_s
         raise ValueError(f"No images to extract features from (source {source!r}).")
     num_shards = shards.num_shards(num_images, images_per_shard)
     mesh = parallel.make_mesh(devices=devices if devices is not None else jax.local_devices())
-    num_devices = mesh.shape[parallel.DATA_AXIS]
+    num_devices = parallel.batch_devices(mesh)
     if batch_size % process_count or (batch_size // process_count) % num_devices:
         raise ValueError(f"features.batch_size={batch_size} must be divisible by the "
                          f"{process_count} processes x {num_devices} local devices.")

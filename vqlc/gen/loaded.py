@@ -174,7 +174,7 @@ class Generator:
         """fn over arrays sharing a batch axis, padded to fill the mesh's devices, split over
         them; this process's rows of the result, padding dropped."""
         n = len(batches[0])
-        pad = -n % self.mesh.shape[parallel.DATA_AXIS]
+        pad = -n % parallel.batch_devices(self.mesh)
         padded = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
                   for x in batches]
         placed = parallel.global_batch(padded, self.mesh)

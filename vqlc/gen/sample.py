@@ -321,7 +321,7 @@ def run(config, workdir: str) -> dict:
         "class_counts": np.bincount(labels, minlength=s.num_classes).tolist(),
         **summary,
         "batch_size": int(batch),
-        "devices": int(mesh.shape[parallel.DATA_AXIS]),
+        "devices": int(parallel.batch_devices(mesh)),
         "processes": jax.process_count(),
         "sampled_this_run": sampled,
         "compile_s": round(compile_s, 3),

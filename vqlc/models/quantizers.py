@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 # The tiled search lives in vqlc.neighbors; re-exported here for existing callers.
 from vqlc.neighbors import (  # noqa: F401
     _explicit_row_sharding, _explicit_sharding, _replicate_explicit, nearest_code,
-    nearest_code_in_place)
+    nearest_code_in_place, take_rows)
 
 Array = jax.Array
 
@@ -90,10 +90,11 @@ def _quantize(z: Array, codebook: Array, tile_n, tile_k) -> Tuple[Array, Array]:
 
 
 def _take_rows(table: Array, indices: Array) -> Array:
-    """table[indices] (rows). Under explicit sharding the rows come out sharded like the indices."""
+    """table[indices] (rows). Under explicit sharding the rows come out sharded like the indices;
+    under a context mesh with a `model` axis the table is split along K (neighbors.take_rows)."""
     mesh, spec = _explicit_sharding(indices)
     if spec is None:
-        return jnp.take(table, indices, axis=0)
+        return take_rows(table, indices)
     out = jax.sharding.NamedSharding(mesh, P(*spec, None))
     return _replicate_explicit(table).at[indices].get(out_sharding=out)
 

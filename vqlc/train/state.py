@@ -64,8 +64,12 @@ def init_train_state(model: nn.Module, disc: nn.Module, g_tx: optax.GradientTran
         return state, variables
 
     shapes = jax.eval_shape(init)
+    # The frozen LC codebook is split along K over the model axis (whole when it has size 1).
+    frozen_shardings = {name: jax.tree.map(
+        lambda _: (parallel.codebook_sharding(mesh) if name == "frozen"
+                   else parallel.replicated(mesh)), tree) for name, tree in shapes[1].items()}
     out_shardings = (parallel.state_shardings(mesh, shapes[0], shard_params, SHARDED_FIELDS),
-                     jax.tree.map(lambda _: parallel.replicated(mesh), shapes[1]))
+                     frozen_shardings)
     if abstract:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, out_shardings)

@@ -40,7 +40,8 @@ def setup_model(config: ml_collections.ConfigDict, workdir: str, mesh, abstract:
     if config.quantizer.kind == "lc":
         codes = codebook_task.prepare_tokenizer_codebook(config, workdir)
         frozen = {"frozen": jax.tree.map(
-            lambda leaf: jax.device_put(codes, parallel.replicated(mesh)), frozen["frozen"])}
+            lambda leaf: jax.device_put(codes, parallel.codebook_sharding(mesh)),
+            frozen["frozen"])}
     return model, disc, g_tx, d_tx, state, frozen
 
 
@@ -61,14 +62,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     config_io.check_compatible(config, workdir)
     cadence = loop.Cadence.from_config(config.train)
     build.precision(config.model)  # model.dtype / model.remat
-    mesh = parallel.make_mesh(config.mesh.data)
+    mesh = parallel.make_mesh(config.mesh.data, model=config.mesh.get("model", 1))
     parallel.check_batch_size(config.train.batch_size, mesh)
     if config.eval.at_end:
         parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    parallel.check_codebook_split(config.quantizer.codebook_size, mesh)
     frozen_codebook.check_codebook(config, workdir)
     storage.makedirs(workdir)
     config_io.write_or_check(config, workdir)
-    model, disc, g_tx, d_tx, state, frozen = setup_model(config, workdir, mesh)
+    model, disc, g_tx, d_tx, state, frozen = setup_model(config, workdir, mesh)  # k-means here
+    # The context mesh tells the quantizer's search and lookups how the codebook is split.
+    with jax.set_mesh(mesh):
+        return _train_and_evaluate(config, workdir, mesh, cadence, model, disc, g_tx, d_tx,
+                                   state, frozen)
+
+
+def _train_and_evaluate(config, workdir, mesh, cadence, model, disc, g_tx, d_tx, state, frozen):
     logging.info("process %d/%d, %d local / %d global devices; generator %.2fM params, "
                  "discriminator %.2fM params", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(),
