@@ -4,6 +4,7 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/kmeans.py
     python benchmarks/kmeans.py --case global --k 10000 --iters 5      # a bigger K
     python benchmarks/kmeans.py --case per_class                      # 100 classes x 100 centres
+    python benchmarks/kmeans.py --dim 64 --k 20000 --iters 5 --methods jax,jax_split2,jax_split4,faiss
 
 Every method runs in its own subprocess on identical data (a seeded Gaussian mixture, so that the
 clusters are real), reports wall time (initialisation + iterations; for JAX after a 1-iteration call that compiles,
@@ -16,6 +17,9 @@ Methods:
   jax          vqlc.codebook.kmeans.fit / fit_per_class: full-batch Lloyd, random init, tol=0 so
                every method runs the same number of iterations.
   jax_mb       vqlc mini-batch k-means (same batch size as scikit-learn's).
+  jax_splitM   `jax` with the centres split M ways along K over a `model` axis
+               (kmeans.fit(..., centre_shards=M); global case), on max(--host-devices, M)
+               devices, the rows over the rest.
   faiss        faiss.Kmeans(d, k, niter=iters): full-batch Lloyd, random init.
   sklearn_mb   sklearn.cluster.MiniBatchKMeans(init='random', n_init=1, max_iter=iters,
                max_no_improvement=None: no early stop, all `iters` passes over the data).
@@ -74,6 +78,9 @@ def cluster(args, x, labels, k: int, iters: int) -> np.ndarray:
         if args.method == "jax_mb":
             return kmeans.fit(x, k, num_iters=iters, seed=0, init="random",
                               batch_size=args.batch_size)
+        if args.method.startswith("jax_split"):
+            return kmeans.fit(x, k, num_iters=iters, seed=0, init="random", tol=0.0,
+                              centre_shards=_split_ways(args.method))
         if args.method == "faiss":
             import faiss
             km = faiss.Kmeans(args.dim, k, niter=iters, seed=1, verbose=False,
@@ -107,11 +114,16 @@ def cluster(args, x, labels, k: int, iters: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _split_ways(method: str) -> int:
+    return int(method[len("jax_split"):]) if method.startswith("jax_split") else 1
+
+
 def run_worker(args) -> None:
     """One method on one case, in this process; writes centres and a JSON record to args.out."""
     if args.method.startswith("jax"):
+        devices = max(args.host_devices, _split_ways(args.method))
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.host_devices}")
+                                   f" --xla_force_host_platform_device_count={devices}")
         import jax  # noqa: F401  (libraries imported before measuring the baseline)
         from vqlc.codebook import kmeans  # noqa: F401
     elif args.method == "faiss":
@@ -199,14 +211,14 @@ def main() -> None:
                                args.k)
         rows.append((m, rec))
     ref = dict(rows).get("faiss")
-    print(f"{'method':<11} {'wall s':>8} {'x faiss':>8} {'cold 1-iter s':>14} "
+    print(f"{'method':<20} {'wall s':>8} {'x faiss':>8} {'cold 1-iter s':>14} "
           f"{'peak extra MB':>14} {'inertia':>14} {'vs faiss':>9} {'GFLOP/s':>8}")
     for m, r in rows:
         ratio = r["wall_s"] / ref["wall_s"] if ref else float("nan")
         rel = r["inertia"] / ref["inertia"] - 1 if ref else float("nan")
         rate = flop / r["wall_s"] / 1e9 if not m.endswith("_mb") else float("nan")
         cold = f"{r['cold_1iter_s']:14.1f}" if r.get("cold_1iter_s") else f"{'-':>14}"
-        print(f"{m:<11} {r['wall_s']:8.1f} {ratio:8.2f} {cold} {r['peak_extra_mb']:14.0f} "
+        print(f"{m:<20} {r['wall_s']:8.1f} {ratio:8.2f} {cold} {r['peak_extra_mb']:14.0f} "
               f"{r['inertia']:14.6g} {rel:+9.3%} {rate:8.1f}")
     print("wall: the full run (JAX: compiled; its first 1-iteration call, compilation included, "
           "is 'cold 1-iter').\nGFLOP/s: 2*N*K*D*iters / wall (assignment matmul only; "

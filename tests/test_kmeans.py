@@ -82,6 +82,35 @@ def test_one_and_four_devices_give_the_same_centres():
     np.testing.assert_allclose(p1, p4, atol=1e-5)
 
 
+def test_centres_split_over_devices_give_the_same_centres():
+    """Centres split 2 and 4 ways along K (rows over the rest) == whole on one device, for
+    in-memory, streaming and mini-batch k-means; the statistics step gathers no centres."""
+    _, x = _blobs(k=16, d=6, per=50, seed=2, noise=2.0)
+    chunks = lambda: (x[i:i + 150] for i in range(0, x.shape[0], 150))  # noqa: E731
+    one = kmeans.fit(x, 24, num_iters=10, seed=0, init="random", devices=jax.devices()[:1])
+    stream = kmeans.fit_streaming(chunks, 24, num_iters=10, seed=0, devices=jax.devices()[:1])
+    mini = kmeans.fit(x, 24, num_iters=3, seed=0, init="random", batch_size=200,
+                      devices=jax.devices()[:1])
+    for shards in (2, 4):
+        split = dict(devices=jax.devices()[:4], centre_shards=shards)
+        np.testing.assert_allclose(
+            kmeans.fit(x, 24, num_iters=10, seed=0, init="random", **split), one, atol=1e-5)
+        np.testing.assert_allclose(
+            kmeans.fit_streaming(chunks, 24, num_iters=10, seed=0, **split), stream, atol=1e-5)
+        np.testing.assert_allclose(
+            kmeans.fit(x, 24, num_iters=3, seed=0, init="random", batch_size=200, **split),
+            mini, atol=1e-5)
+    mesh = kmeans._data_mesh(jax.devices()[:4], 4)
+    centres = kmeans._put_centres(np.zeros((400, 6), np.float32), mesh)
+    xs, ws = kmeans._put_rows(x, mesh)
+    hlo = kmeans._stats_fn(mesh).lower(xs, ws, centres).compile().as_text()
+    assert "all-gather" not in hlo
+    with pytest.raises(ValueError, match="divisible by centre_shards=4"):
+        kmeans.fit(x, 22, centre_shards=4, devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match="must divide the 3 devices"):
+        kmeans.fit(x, 24, centre_shards=2, devices=jax.devices()[:3])
+
+
 def test_streaming_equals_in_memory():
     _, x = _blobs(k=12, d=7, per=40, seed=5, noise=3.0)
     chunks = lambda: (x[i:i + 100] for i in range(0, x.shape[0], 100))

@@ -10,6 +10,11 @@ Three entry points, one Lloyd iteration underneath:
 
 Memory: the assignment uses the tiled `nearest_code_in_place` search, so no N x K distance
 matrix and no copy of the rows exists; per-centre statistics are segment sums. Each device holds its rows, the centres and O(tile) scratch.
+Many centres (`centre_shards` > 1, for `fit` and `fit_streaming`): the centres are split along K
+over a `model` axis of that many devices, the rows over the rest (`data`); each device assigns
+its data group's rows against its slice of the centres, the (distance, index) minima are reduced
+over `model` (vqlc.neighbors.nearest_code_across), and each device sums only the rows assigned
+to its own centres: no device holds all K centres or their statistics.
 Determinism: a seed fixes the initial centres and every re-seeding; devices only change the order
 of float32 sums (results agree to rounding, tested on 1 vs 4 devices).
 """
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vqlc.neighbors import nearest_code_in_place
+from vqlc.neighbors import CODEBOOK_AXIS, nearest_code_across, nearest_code_in_place
 
 _AXIS = "data"
 INITS = ("random", "k-means++")
@@ -34,10 +39,26 @@ _HOST_CHUNK_ROWS = 65_536
 # ----------------------------------------------------------------------------- devices and data
 
 
-def _data_mesh(devices: Optional[Sequence[jax.Device]]) -> Mesh:
+def _data_mesh(devices: Optional[Sequence[jax.Device]], centre_shards: int = 1) -> Mesh:
+    """(data,) over the devices, or (data, model) with the centres split `centre_shards` ways."""
     # Default: this process's devices (in a multi-process run each process clusters on its own).
     devices = list(devices) if devices is not None else jax.local_devices()
-    return Mesh(np.asarray(devices), (_AXIS,))
+    if centre_shards == 1:
+        return Mesh(np.asarray(devices), (_AXIS,))
+    if centre_shards < 1 or len(devices) % centre_shards:
+        raise ValueError(f"centre_shards={centre_shards} must divide the {len(devices)} devices.")
+    return Mesh(np.asarray(devices).reshape(-1, centre_shards), (_AXIS, CODEBOOK_AXIS))
+
+
+def _row_shards(mesh: Mesh) -> int:
+    return mesh.shape[_AXIS]
+
+
+def _put_centres(centres, mesh: Mesh) -> jax.Array:
+    """Centres on the mesh: whole on every device, or split along K over `model`."""
+    split = CODEBOOK_AXIS in mesh.axis_names
+    return jax.device_put(np.asarray(centres, np.float32) if not isinstance(centres, jax.Array)
+                          else centres, NamedSharding(mesh, P(CODEBOOK_AXIS) if split else P()))
 
 
 def _put_rows(x: np.ndarray, mesh: Mesh, rows: Optional[int] = None):
@@ -47,7 +68,7 @@ def _put_rows(x: np.ndarray, mesh: Mesh, rows: Optional[int] = None):
     add nothing to the sums, and their zero weight keeps them out of the counts.
     """
     n = x.shape[0]
-    shards = mesh.devices.size
+    shards = _row_shards(mesh)
     rows = rows or -(-max(n, 1) // shards) * shards
     w = np.zeros((rows,), np.float32)
     w[:n] = 1.0
@@ -65,6 +86,12 @@ def _check_data(x_shape: tuple, num_clusters: int) -> None:
                          f"got N = {x_shape[0]}.")
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}.")
+
+
+def _check_split(num_clusters: int, centre_shards: int) -> None:
+    if num_clusters % centre_shards:
+        raise ValueError(f"num_clusters={num_clusters} must be divisible by "
+                         f"centre_shards={centre_shards}, the ways the centres are split.")
 
 
 def _check_init(init: str) -> None:
@@ -152,9 +179,32 @@ def _stats_fn(mesh: Mesh):
         counts = jax.ops.segment_sum(w, idx, num_segments=k)
         return jax.lax.psum(sums, _AXIS), jax.lax.psum(counts, _AXIS)
 
+    if CODEBOOK_AXIS in mesh.axis_names:
+        return _split_stats_fn(mesh)
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), P()),
                             out_specs=(P(), P()))
     return jax.jit(sharded)
+
+
+def _split_stats_fn(mesh: Mesh):
+    """_stats_fn with the centres split along K over `model`: sums and counts come out split
+    the same way, each reduced over `data` only (where its centres live)."""
+
+    def local(x, w, centres, centre):
+        k = centres.shape[0]  # this device's slice
+        idx = nearest_code_across(x - centre, centres - centre)
+        own = idx - jax.lax.axis_index(CODEBOOK_AXIS) * k
+        own = jnp.where((own >= 0) & (own < k), own, k)  # other devices' centres: dropped
+        sums = jax.ops.segment_sum(x, own, num_segments=k + 1)[:k]
+        counts = jax.ops.segment_sum(w, own, num_segments=k + 1)[:k]
+        return jax.lax.psum(sums, _AXIS), jax.lax.psum(counts, _AXIS)
+
+    split = P(CODEBOOK_AXIS)
+    # check_vma off: the search's scan carries become device-varying (no gradients here).
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(_AXIS), P(_AXIS), split, P()),
+                            out_specs=(split, split), check_vma=False)
+    # The centres' mean, a D-vector, is the one number every device needs of all of them.
+    return jax.jit(lambda x, w, c: sharded(x, w, c, jnp.mean(c, axis=0)))
 
 
 @jax.jit
@@ -217,7 +267,7 @@ def _lloyd(stats_of: Callable[[jax.Array], tuple], centres: jax.Array, reseed: _
 
 def fit(x, num_clusters: int, *, num_iters: int = 30, seed: int = 0,
         batch_size: Optional[int] = None, init: str = "k-means++", tol: float = 1e-4,
-        devices: Optional[Sequence[jax.Device]] = None) -> np.ndarray:
+        devices: Optional[Sequence[jax.Device]] = None, centre_shards: int = 1) -> np.ndarray:
     """k-means of in-memory data. Returns float32 centres [num_clusters, D].
 
     Args:
@@ -229,15 +279,20 @@ def fit(x, num_clusters: int, *, num_iters: int = 30, seed: int = 0,
       init: 'k-means++' (D^2 sampling; sequential in K) or 'random' (K distinct data rows, the
         release's and faiss's choice).
       tol: full batch stops once no centre moves by more than tol (the release's criterion).
+      centre_shards: split the centres along K over this many devices (see the module
+        docstring); the rows go over the rest. k-means++ builds its initial centres on one
+        device before they are split; init='random' never holds them whole on a device.
     """
     x = np.asarray(x, np.float32) if not isinstance(x, np.ndarray) else x
     _check_data(x.shape, num_clusters)
     _check_init(init)
-    mesh = _data_mesh(devices)
+    mesh = _data_mesh(devices, centre_shards)
+    _check_split(num_clusters, centre_shards)
     if init == "random":
-        centres = jnp.asarray(random_rows(_array_chunks(x), num_clusters, seed))
+        centres = random_rows(_array_chunks(x), num_clusters, seed)
     else:
         centres = kmeans_plus_plus(jnp.asarray(x, jnp.float32), num_clusters, jax.random.key(seed))
+    centres = _put_centres(centres, mesh)
     reseed = _Reseeder(lambda rng, n: x[np.sort(rng.choice(x.shape[0], n, replace=False))], seed)
     stats = _stats_fn(mesh)
     if batch_size:
@@ -255,7 +310,7 @@ def _minibatch(x: np.ndarray, centres: jax.Array, reseed: _Reseeder, stats, mesh
     """Mini-batch k-means: batches drawn without replacement within each epoch."""
     n = x.shape[0]
     batch_size = min(batch_size, n)
-    rows = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    rows = -(-batch_size // _row_shards(mesh)) * _row_shards(mesh)
     rng = np.random.default_rng([seed, 2])
     seen = jnp.zeros((centres.shape[0],), jnp.float32)
     steps = -(-n // batch_size)
@@ -276,7 +331,8 @@ def _minibatch(x: np.ndarray, centres: jax.Array, reseed: _Reseeder, stats, mesh
 
 def fit_streaming(chunks: Callable[[], Iterable[np.ndarray]], num_clusters: int, *,
                   num_iters: int = 30, seed: int = 0, init: str = "random", tol: float = 1e-4,
-                  devices: Optional[Sequence[jax.Device]] = None) -> np.ndarray:
+                  devices: Optional[Sequence[jax.Device]] = None,
+                  centre_shards: int = 1) -> np.ndarray:
     """Full-batch k-means of data streamed from disk (larger than memory).
 
     Args:
@@ -293,8 +349,9 @@ def fit_streaming(chunks: Callable[[], Iterable[np.ndarray]], num_clusters: int,
                          "in memory for each of the K draws. Use fit() for k-means++.")
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}.")
-    centres = jnp.asarray(random_rows(chunks, num_clusters, seed))
-    mesh = _data_mesh(devices)
+    mesh = _data_mesh(devices, centre_shards)
+    _check_split(num_clusters, centre_shards)
+    centres = _put_centres(random_rows(chunks, num_clusters, seed), mesh)
     stats = _stats_fn(mesh)
     reseed = _Reseeder(lambda rng, n: random_rows(chunks, n, int(rng.integers(2**62))), seed)
 

@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # local devices used for extraction; -1 = all
+    # Global k-means: the centres split along K over this many devices (vqlc.codebook.kmeans),
+    # for codebooks too large to hold whole on one (1,000,000 x 768 = 3 GB).
+    c.mesh.model = 1
     return c
 
 
@@ -244,12 +247,13 @@ def _cluster(config, shards, k_total: int, labels, features_dir: str):
     logging.info("k-means (%s): %d features x %d -> %d centres, %s", k.mode, shards.num_rows,
                  shards.dim, k_total, "in memory" if in_memory else "streaming")
     if k.mode == "global":
+        split = {"centre_shards": config.mesh.get("model", 1)}
         if in_memory:
             kwargs = dict(common, batch_size=k.batch_size) if k.batch_size else common
-            codes = kmeans.fit(shards.load(), k_total, **kwargs)
+            codes = kmeans.fit(shards.load(), k_total, **kwargs, **split)
         else:
             codes = kmeans.fit_streaming(lambda: shards.iter_chunks(chunk_rows), k_total,
-                                         **common)
+                                         **common, **split)
     else:
         if in_memory:
             x = shards.load()
