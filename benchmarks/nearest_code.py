@@ -1,7 +1,12 @@
 """Nearest-code search: vqlc's tiled `nearest_code` against numpy and jnp brute force.
 
     python benchmarks/nearest_code.py [--n 65536 --k 100000 --d 8] [--tiles 256x128,512x256]
-                                      [--np-chunks 4096,256]
+                                      [--np-chunks 4096,256] [--split 1,2,4 --devices 4]
+
+--split M,...: also the search with the codebook split M ways along K over the `model` axis of
+a (devices / M, M) mesh of virtual CPU devices (rows over `data`); M = 1 splits only the rows.
+Those rows add the compiled program's memory per device (arguments + temporaries, from XLA) and
+the largest array it all-gathers (the rows of a `model` group; never the codebook).
 
 Each method runs in its own fresh subprocess on the same seeded data, so memory numbers do not
 leak between methods. A worker builds its inputs and compiles first, then measures:
@@ -24,6 +29,7 @@ run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/nearest
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -89,6 +95,29 @@ def numpy_method(z, codes, chunk):
     return run
 
 
+def split_method(z, codes, shards, devices):
+    """(run, per-device memory, all-gathers) for the search over a (devices / shards, shards)
+    mesh: the codebook split along K over `model`, the rows over `data`."""
+    import jax
+    from vqlc import parallel
+    from vqlc.neighbors import nearest_code
+    mesh = parallel.make_mesh(devices // shards, model=shards)
+    with jax.set_mesh(mesh):
+        zj = jax.device_put(z, parallel.batch_sharded(mesh))
+        cj = jax.device_put(codes, parallel.codebook_sharding(mesh))
+        compiled = jax.jit(nearest_code).lower(zj, cj).compile()
+    stats = compiled.memory_analysis()
+    per_device = stats.argument_size_in_bytes + stats.temp_size_in_bytes
+    gathered = [int(np.prod([int(v) for v in dims.split(",") if v])) * 4 for dims in
+                re.findall(r"= \w+\[([\d,]*)\][^=]* all-gather\(", compiled.as_text())]
+    gathers = max(gathered, default=0)
+
+    def run():
+        with jax.set_mesh(mesh):
+            return np.asarray(compiled(zj, cj).block_until_ready())
+    return run, per_device, gathers
+
+
 def jax_method(name, z, codes, tile_n, tile_k):
     import jax
     import jax.numpy as jnp
@@ -115,8 +144,12 @@ def worker(args):
     z, codes = make_data(args.n, args.k, args.d)
     if args.method == "naive":
         z = z[:args.rows]
+    extra = {}
     if args.method == "numpy":
         run = numpy_method(z, codes, args.np_chunk)
+    elif args.method.startswith("split"):
+        run, extra["device_bytes"], extra["all_gathers"] = split_method(
+            z, codes, int(args.method[5:]), args.devices)
     else:
         run = jax_method(args.method, z, codes, args.tile_n, args.tile_k)
     before, maxrss_before = rss_bytes(), maxrss_bytes()
@@ -132,7 +165,7 @@ def worker(args):
         run()
         times.append(time.perf_counter() - t0)
     np.save(args.out, np.asarray(idx, np.int64))
-    print(json.dumps({"rows": len(z), "times": times, "extra_bytes": peak - before}))
+    print(json.dumps({"rows": len(z), "times": times, "extra_bytes": peak - before, **extra}))
 
 
 def launch(method, args, out, rows=None, tile=(None, None)):
@@ -142,11 +175,15 @@ def launch(method, args, out, rows=None, tile=(None, None)):
            "--time-budget", str(args.time_budget)]
     if rows is not None:
         cmd += ["--rows", str(rows)]
+    env = dict(os.environ)
+    if method.startswith("split"):
+        cmd += ["--devices", str(args.devices)]
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={args.devices}")
     if method == "numpy":
         cmd[cmd.index("--np-chunk") + 1] = str(tile[0])
     elif tile[0]:
         cmd += ["--tile-n", str(tile[0]), "--tile-k", str(tile[1])]
-    env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -167,6 +204,9 @@ def main():
     p.add_argument("--np-chunk", type=int, default=4096, help=argparse.SUPPRESS)
     p.add_argument("--naive-mb", type=int, default=2048,
                    help="largest N x K matrix (MB) the jnp brute force may build")
+    p.add_argument("--split", default="",
+                   help="comma list of ways to split the codebook over the model axis")
+    p.add_argument("--devices", type=int, default=4, help="virtual CPU devices for --split")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=60.0,
                    help="seconds of extra timing runs per method after the first")
@@ -192,6 +232,9 @@ def main():
         f" (first {naive_rows} rows; all {args.n} would need "
         f"{args.n * args.k * 4 / 2**30:.1f} GiB)" if naive_rows < args.n else "")
     runs.append(("naive", naive_label, naive_rows, (None, None)))
+    for m in (int(v) for v in args.split.split(",") if v):
+        runs.append((f"split{m}", f"vqlc, codebook split {m} ways (mesh {args.devices // m} x "
+                                  f"{m} virtual devices)", None, (None, None)))
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,15 +249,17 @@ def main():
     print(f"\nnearest code: N={args.n}, K={args.k}, D={args.d}, float32, "
           f"{os.cpu_count()} CPUs\n")
     print("| method | tokens/s | time (s) | peak extra memory (MB) | speed vs numpy "
-          "| memory vs numpy | same index as numpy |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| memory vs numpy | same index as numpy | per device (MB) | largest all-gather (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         best = min(r["times"])
         rate = r["rows"] / best
         agree = np.mean(r["idx"] == base["idx"][:r["rows"]])
         mem = r["extra_bytes"] / 2**20
+        split = (f" {r['device_bytes'] / 2**20:,.1f} | {r['all_gathers'] / 2**20:,.2f} |"
+                 if "device_bytes" in r else " | |")
         print(f"| {r['label']} | {rate:,.0f} | {best:.2f} | {mem:,.0f} | {rate / base_rate:.2f}x "
-              f"| {mem / max(base['extra_bytes'] / 2**20, 1e-9):.3f}x | {agree:.5f} |")
+              f"| {mem / max(base['extra_bytes'] / 2**20, 1e-9):.3f}x | {agree:.5f} |{split}")
 
 
 if __name__ == "__main__":
