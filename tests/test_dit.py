@@ -258,4 +258,4 @@ def test_remat_gives_the_same_loss_and_gradient():
     (value, grads), (value_r, grads_r) = loss_and_grad(model), loss_and_grad(tiny(remat=True))
     np.testing.assert_allclose(value_r, value, rtol=1e-6)
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
-        np.testing.assert_allclose(g_r, g, atol=1e-6)
+        np.testing.assert_allclose(g_r, g, rtol=1e-6, atol=1e-6)

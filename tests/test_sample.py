@@ -81,8 +81,12 @@ def test_batch_size_does_not_change_the_samples(tok_dir, four, tmp_path):
     other = str(tmp_path / "b4")
     sample.run(_config(tok_dir, **{"mesh.data": 4, "sample.batch_size": 4}), other)
     assert len(_shards(other)) == 11
-    for key in ("arr_0", "arr_1"):
-        np.testing.assert_array_equal(_npz(other)[key], _npz(four)[key])
+    a, b = _npz(other), _npz(four)
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    # The same codes decoded in batches of another shape: XLA:CPU may pick other conv kernels,
+    # whose float rounding can move a pixel across a uint8 step (seen on an AVX2-only CPU).
+    diff = np.abs(a["arr_0"].astype(np.int16) - b["arr_0"])
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
 
 
 def test_killed_mid_way_resumes_every_sample_once(tok_dir, four, tmp_path, monkeypatch):
