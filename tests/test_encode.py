@@ -229,4 +229,6 @@ def test_two_processes_write_the_shards_of_one(tokdir, tmp_path):
     a, b = encoded.EncodedDataset(two), encoded.EncodedDataset(one)
     for name in ("indices", "labels", "aug", "codes"):
         np.testing.assert_array_equal(a.column(name), b.column(name))
-    np.testing.assert_allclose(a.column("latents"), b.column("latents"), rtol=1e-6, atol=1e-6)
+    # Codes are exact; latents to float32 rounding: the processes run other batch shapes, for
+    # which XLA:CPU may pick other conv kernels (seen up to 4e-6 on an AVX2-only CPU).
+    np.testing.assert_allclose(a.column("latents"), b.column("latents"), rtol=1e-5, atol=1e-5)

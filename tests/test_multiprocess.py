@@ -106,8 +106,9 @@ def test_parameters_match_one_process(runs):
             null.append((name, x.size))
             continue
         # The two runs sum the same per-example gradients in a different order (the processes
-        # interleave the batch rows), so equality is to float32 rounding, not bitwise.
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=name)
+        # interleave the batch rows), so equality is to float32 rounding, not bitwise (a few
+        # ulps of the gradient sums, scaled by Adam over the steps: up to ~2e-6 on an AVX2 CPU).
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=5e-6, err_msg=name)
         worst = max(worst, float(np.max(np.abs(x - y))))
     print(f"largest parameter difference after {STEPS} steps: {worst:.2e}; "
           f"{len(null)} zero-gradient leaves skipped")
