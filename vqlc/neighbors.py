@@ -154,9 +154,9 @@ def _nearest_code_split(z: Array, codes: Array, centre: Array, *, tile_n: int, t
     """nearest_code with the codes split along K over the `model` axis of the context mesh.
 
     Each device searches its slice of K (a K / shards slice of the codes is all it holds) and
-    the minima are reduced across the axis (nearest_code_across). Rows split over `model` as well (a batch over every device) are first
-    gathered within each `model` group, which then searches them together, and each device keeps
-    its own. When K does not divide evenly, the codes are padded with copies of code 0, which
+    the minima are reduced across the axis (nearest_code_across). Rows split over `model` as
+    well (a batch over every device) are first gathered within each `model` group, which then
+    searches them together, and each device keeps its own. When K does not divide evenly, the codes are padded with copies of code 0, which
     lose every tie to it (their indices are larger), so padding never wins.
     """
     shards = codebook_shards()

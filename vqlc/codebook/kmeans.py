@@ -57,8 +57,7 @@ def _row_shards(mesh: Mesh) -> int:
 def _put_centres(centres, mesh: Mesh) -> jax.Array:
     """Centres on the mesh: whole on every device, or split along K over `model`."""
     split = CODEBOOK_AXIS in mesh.axis_names
-    return jax.device_put(np.asarray(centres, np.float32) if not isinstance(centres, jax.Array)
-                          else centres, NamedSharding(mesh, P(CODEBOOK_AXIS) if split else P()))
+    return jax.device_put(centres, NamedSharding(mesh, P(CODEBOOK_AXIS) if split else P()))
 
 
 def _put_rows(x: np.ndarray, mesh: Mesh, rows: Optional[int] = None):
