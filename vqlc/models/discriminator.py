@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqlc.models.conv import Conv
+
 
 def _torch_bias_init(fan_in: int):
     """torch's default Conv2d bias init, uniform(+-1/sqrt(fan_in)); taming's weights_init keeps it."""
@@ -50,7 +52,7 @@ class NLayerDiscriminator(nn.Module):
         def conv_layer(h, features, stride, use_bias):
             nonlocal index
             fan_in = h.shape[-1] * 16
-            out = nn.Conv(features, (4, 4), strides=(stride, stride), padding=1, use_bias=use_bias,
+            out = Conv(features, (4, 4), strides=(stride, stride), padding=1, use_bias=use_bias,
                           kernel_init=nn.initializers.normal(0.02),
                           bias_init=_torch_bias_init(fan_in), name=f"main_{index}")(h)
             index += 1

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlc.models.conv import Conv
+
 Array = jax.Array
 Params = Dict[str, Any]
 
@@ -107,7 +109,7 @@ class VGG16Features(nn.Module):
                 # torch MaxPool2d(2, 2) floors odd sizes, as VALID padding does.
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             else:
-                x = nn.Conv(v, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                x = Conv(v, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                             name=next(conv_names))(x)
                 x = nn.relu(x)
             if name in self.outputs:
@@ -147,7 +149,7 @@ class AlexNetFeatures(nn.Module):
             if i in (1, 2):
                 # torch MaxPool2d(3, 2) floors, as VALID padding does.
                 x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
-            x = nn.Conv(ch, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+            x = Conv(ch, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                         dtype=self.dtype, name=ALEXNET_CONVS[i])(x)
             x = nn.relu(x)
             feats[ALEXNET_LAYERS[i]] = x

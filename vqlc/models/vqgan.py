@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqlc.models.conv import Conv
+
 
 def swish(x: jax.Array) -> jax.Array:
     """taming's `nonlinearity`: x * sigmoid(x)."""
@@ -53,7 +55,7 @@ def conv(features: int, kernel: int, name: str, stride: int = 1, padding: Any = 
     """
     if padding is None:
         padding = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                    dtype=dtype, param_dtype=jnp.float32, name=name)
 
 

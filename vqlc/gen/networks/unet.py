@@ -77,6 +77,7 @@ import jax.numpy as jnp
 
 from vqlc.gen.networks.dit import timestep_embedding
 from vqlc.models import activations
+from vqlc.models.conv import Conv
 from vqlc.models.build import COMPUTE_DTYPES
 
 GROUPS = 32  # openaimodel's normalization(): GroupNorm32(32, channels)
@@ -115,7 +116,7 @@ def conv(features: int, fan_in: int, name: str, dtype: Any, kernel: int = 3, str
          zero: bool = False) -> nn.Conv:
     """A torch-like Conv2d (padding kernel // 2) in NHWC; zero = openaimodel's zero_module."""
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+    return Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=ZEROS if zero else TORCH_KERNEL,
                    bias_init=ZEROS if zero else torch_bias(fan_in * kernel * kernel), name=name)
