@@ -83,7 +83,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch}")
-    print(f"| what | pass | lax (ms) | vqlc (ms) | lax / vqlc |\n|---|---|---:|---:|---:|")
+    print("| what | pass | lax (ms) | vqlc (ms) | lax / vqlc |\n|---|---|---:|---:|---:|")
     for rows in (conv_rows, lpips_rows):
         for what, mode, library, ours in rows(args.batch, args.repeats):
             print(f"| {what} | {mode} | {library * 1e3:.1f} | {ours * 1e3:.1f} | "
