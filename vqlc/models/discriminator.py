@@ -53,8 +53,8 @@ class NLayerDiscriminator(nn.Module):
             nonlocal index
             fan_in = h.shape[-1] * 16
             out = Conv(features, (4, 4), strides=(stride, stride), padding=1, use_bias=use_bias,
-                          kernel_init=nn.initializers.normal(0.02),
-                          bias_init=_torch_bias_init(fan_in), name=f"main_{index}")(h)
+                       kernel_init=nn.initializers.normal(0.02),
+                       bias_init=_torch_bias_init(fan_in), name=f"main_{index}")(h)
             index += 1
             return out
 

@@ -110,7 +110,7 @@ class VGG16Features(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             else:
                 x = Conv(v, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                            name=next(conv_names))(x)
+                         name=next(conv_names))(x)
                 x = nn.relu(x)
             if name in self.outputs:
                 feats[name] = x
@@ -150,7 +150,7 @@ class AlexNetFeatures(nn.Module):
                 # torch MaxPool2d(3, 2) floors, as VALID padding does.
                 x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
             x = Conv(ch, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                        dtype=self.dtype, name=ALEXNET_CONVS[i])(x)
+                     dtype=self.dtype, name=ALEXNET_CONVS[i])(x)
             x = nn.relu(x)
             feats[ALEXNET_LAYERS[i]] = x
         return feats

@@ -56,7 +56,7 @@ def conv(features: int, kernel: int, name: str, stride: int = 1, padding: Any = 
     if padding is None:
         padding = kernel // 2
     return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+                dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class ResnetBlock(nn.Module):

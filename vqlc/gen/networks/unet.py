@@ -117,9 +117,9 @@ def conv(features: int, fan_in: int, name: str, dtype: Any, kernel: int = 3, str
     """A torch-like Conv2d (padding kernel // 2) in NHWC; zero = openaimodel's zero_module."""
     pad = kernel // 2
     return Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=ZEROS if zero else TORCH_KERNEL,
-                   bias_init=ZEROS if zero else torch_bias(fan_in * kernel * kernel), name=name)
+                padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=ZEROS if zero else TORCH_KERNEL,
+                bias_init=ZEROS if zero else torch_bias(fan_in * kernel * kernel), name=name)
 
 
 def linear(features: int, fan_in: int, name: str, dtype: Any, use_bias: bool = True,
